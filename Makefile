@@ -1,0 +1,34 @@
+PYTHON ?= python3
+PORT ?= 8080
+
+.PHONY: run test insert demo test-browser test-proxy bench clean
+
+run:
+	$(PYTHON) broker.py --port $(PORT)
+
+test:
+	$(PYTHON) -m unittest -v test_broker
+
+insert:
+	curl -s localhost:$(PORT)/insert -H 'Content-Type: application/json' \
+		-d '{"event": "user", "data": {"user": "Ada"}}'
+	@echo
+
+demo:
+	@echo "name demo:  http://127.0.0.1:$(PORT)/index.html"
+	@echo "inspector:  http://127.0.0.1:$(PORT)/inspector.html"
+	$(PYTHON) broker.py --port $(PORT) --static demo
+
+test-browser:
+	sh demo/install-browser.sh
+	.venv/bin/python -m unittest -v demo/test_demo.py
+
+test-proxy:
+	sh deploy/install-nginx.sh
+	$(PYTHON) -m unittest -v deploy/test_nginx.py
+
+bench:
+	$(PYTHON) bench_broker.py --quick
+
+clean:
+	rm -rf tmp __pycache__ demo/__pycache__ deploy/__pycache__

@@ -1,0 +1,1213 @@
+#!/usr/bin/env python3
+"""broker.py - a real-time, zero-code API server on the Python standard library alone.
+
+    python broker.py                      # serve on http://127.0.0.1:8080, db ./tmp/broker.db
+    curl -N localhost:8080/events         # listen: the latest of every event, then live
+    curl localhost:8080/insert -H 'Content-Type: application/json' \\
+         -d '{"event": "user", "data": {"name": "Ada"}}'
+
+    from broker import Broker             # or embed it, e.g. in a test harness
+    with Broker(db=":memory:", port=0) as b: b.publish("user", {"name": "Ada"})
+
+Endpoints: POST /insert, GET /events, GET /audit/{event}, GET /healthz. Python 3.9+.
+"""
+__all__ = ["Broker", "RequestError", "main", "publish_to", "subscribe"]
+
+import argparse
+import codecs
+import collections
+import http.client
+import http.server
+import json
+import mimetypes
+import os
+import re
+import resource
+import selectors
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import typing
+import urllib.parse
+
+
+def port_number(text):
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be 0 to 65535")
+    return port
+
+
+def positive_number(convert):
+    def positive(text):
+        value = convert(text)
+        if not value > 0:
+            raise ValueError("must be greater than 0")
+        return value
+    positive.__name__ = f"positive {convert.__name__}"
+    return positive
+
+
+def sync_mode(text):
+    if text.lower() not in ("full", "normal"):
+        raise ValueError("must be full or normal")
+    return text.lower()
+
+
+# Every setting, once: flags, environment and Broker(**kwargs) all read this table.
+#   name               env var                   default            convert                     help
+OPTIONS = [
+    ("host",            "HOST",                   "127.0.0.1",       str,                        "address to bind (0.0.0.0 to expose)"),
+    ("port",            "PORT",                   8080,              port_number,                "port; 0 picks a free one"),
+    ("db",              "BROKER_DB",              "./tmp/broker.db", str,                        "SQLite file; :memory: keeps nothing"),
+    ("origin",          "BROKER_ORIGIN",          "*",               str,                        "the CORS origin allowed"),
+    ("heartbeat",       "BROKER_HEARTBEAT",       15.0,              positive_number(float),     "seconds of silence before a keep-alive comment"),
+    ("max_body",        "BROKER_MAX_BODY",        1048576,           positive_number(int),       "largest accepted /insert body, in bytes"),
+    ("static",          "BROKER_STATIC",          None,              str,                        "also serve this folder's files at / (GET/HEAD)"),
+    ("sync",            "BROKER_SYNC",            "full",            sync_mode,                  "full: an insert survives power loss; normal: only a crash"),
+    ("request_timeout", "BROKER_REQUEST_TIMEOUT", 10.0,              positive_number(float),     "seconds a client may take to send a request"),
+    ("quiet",           None,                     False,             bool,                       "no access log"),
+]
+
+RETRY_MS = 3000            # the reconnect delay a browser is told to use
+PAGE_ROWS = 500            # rows per query, so the database lock is never held across a socket write
+RING_RECORDS = 8192        # recent frames kept in memory for streams joining the fan-out
+MAX_BACKLOG = 8 << 20      # bytes a slow subscriber may owe before it is cut off (it resumes by id)
+MAX_FILTERS = 100          # ?event= values per stream (SQLite binds each one)
+MAX_EVENT_NAME = 255
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
+LINE_END = re.compile("\r\n|\r|\n")
+
+
+class RequestError(ValueError):
+    """A client mistake: raised anywhere, rendered as JSON {"error": message} in one place."""
+
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class StoreError(Exception):
+    """The database refused a write (read-only, disk full, closed): the insert is not stored."""
+
+
+def now_us():
+    return time.time_ns() // 1000
+
+
+def json_bytes(value):
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def chunk(payload):
+    """One HTTP/1.1 chunk; never call it with b"" (an empty chunk ends the response)."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def check_event_name(name):
+    """Return name if it can be an event name (it goes verbatim into an SSE line), else raise."""
+    if not isinstance(name, str):
+        raise RequestError(400, '"event" must be a string')
+    if not name:
+        raise RequestError(400, '"event" must not be empty')
+    if len(name) > MAX_EVENT_NAME:
+        raise RequestError(400, f'"event" must be at most {MAX_EVENT_NAME} characters')
+    if CONTROL_CHARS.search(name):
+        raise RequestError(400, '"event" must not hold control characters (U+0000-U+001F, U+007F)')
+    if not is_valid_unicode(name):
+        raise RequestError(400, '"event" holds a lone surrogate, which is not valid Unicode')
+    return name
+
+
+def is_valid_unicode(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def encode_data(value):
+    """Return value as compact JSON text that every browser's JSON.parse accepts."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except ValueError:
+        raise RequestError(400, NOT_FINITE) from None
+    except RecursionError:
+        raise RequestError(400, '"data" is nested too deeply') from None
+    except TypeError as error:
+        raise RequestError(400, f'"data" is not JSON: {error}') from None
+    if not is_valid_unicode(text):
+        raise RequestError(400, '"data" holds a lone surrogate, which is not valid Unicode')
+    return text
+
+
+NOT_FINITE = "NaN and Infinity are not valid JSON (browsers cannot parse them)"
+
+
+def reject_constant(name):
+    raise RequestError(400, NOT_FINITE)
+
+
+def parse_insert(body):
+    """Return (event, data as compact JSON text) from an /insert body, or raise RequestError."""
+    try:
+        doc = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
+    except UnicodeDecodeError:
+        raise RequestError(400, "body is not valid UTF-8") from None
+    except RequestError:
+        raise
+    except RecursionError:
+        raise RequestError(400, "body is nested too deeply") from None
+    except ValueError as error:
+        raise RequestError(400, f"body is not valid JSON: {error}") from None
+    if not isinstance(doc, dict):
+        raise RequestError(400, 'body must be a JSON object: {"event": ..., "data": ...}')
+    if "event" not in doc:
+        raise RequestError(400, '"event" is missing')
+    event = check_event_name(doc["event"])
+    if "data" not in doc:
+        raise RequestError(400, '"data" is missing')
+    return event, encode_data(doc["data"])
+
+
+def non_negative_int(text, name):
+    if not (text.isascii() and text.isdigit()):
+        raise RequestError(400, f"{name} must be a non-negative integer")
+    return int(text)
+
+
+class Record(typing.NamedTuple):
+    """One stored version of an event; data is its compact JSON text, as stored."""
+    id: int
+    event: str
+    timestamp: int
+    data: str
+
+    def to_dict(self):
+        return {"id": self.id, "event": self.event, "timestamp": self.timestamp,
+                "data": json.loads(self.data)}
+
+    def to_json(self):
+        return b'{"id":%d,"event":%s,"timestamp":%d,"data":%s}' % (
+            self.id, json_bytes(self.event), self.timestamp, self.data.encode())
+
+    def to_sse(self):
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.event.encode(), self.data.encode())
+
+
+class PendingInsert:
+    """An insert waiting for the transaction that holds it; written only under Store._turn."""
+    __slots__ = ("event", "data", "record", "error")
+
+    def __init__(self, event, data):
+        self.event, self.data = event, data
+        self.record = self.error = None
+
+
+class Store:
+    """The SQLite file. Knows SQL, knows nothing of HTTP.
+
+    self._lock guards every use of the one connection. Inserts are group-committed: the
+    first caller to find no commit in flight becomes the committer and writes, in one
+    transaction, every insert queued so far; the others wait on self._turn for it.
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS records (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are SSE cursors: never reuse one
+            event     TEXT NOT NULL,
+            timestamp INTEGER NOT NULL,                   -- microseconds, strictly increasing
+            data      TEXT NOT NULL                       -- compact JSON
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS records_by_event_time ON records (event, timestamp);
+        CREATE TABLE IF NOT EXISTS latest (                -- the sync reads this, not the history
+            event TEXT PRIMARY KEY,
+            id    INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS latest_by_id ON latest (id);
+        CREATE TRIGGER IF NOT EXISTS records_keep_latest AFTER INSERT ON records BEGIN
+            INSERT OR REPLACE INTO latest (event, id) VALUES (new.event, new.id);
+        END;
+    """
+    MAX_BATCH = 1000
+
+    def __init__(self, path, sync="full", on_commit=None):
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        self._turn = threading.Condition()    # notified by each committer when it is done
+        self._queue = []                      # PendingInserts not yet in a transaction
+        self._committing = False
+        self._on_commit = on_commit or (lambda records: None)
+        self._closed = False
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={sync.upper()}")
+            self._db.executescript(self.SCHEMA)
+            self._last_ts = self._newest_timestamp()
+        except sqlite3.Error:
+            self._db.close()
+            raise
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            self._db.close()
+
+    def newest_id(self):
+        with self._lock:
+            return self._query_one("SELECT max(id) FROM records") or 0
+
+    def insert(self, event, data):
+        """Store one record and return it once the transaction holding it has committed."""
+        pending = PendingInsert(event, data)
+        with self._turn:
+            self._queue.append(pending)
+            while pending.record is None and pending.error is None:
+                if self._committing:
+                    self._turn.wait()
+                    continue
+                self._committing = True
+                batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
+                self._turn.release()          # others queue up while this batch is written
+                try:
+                    self._commit(batch)
+                finally:
+                    self._turn.acquire()
+                    self._committing = False
+                    self._turn.notify_all()
+        if pending.error:
+            raise pending.error
+        return pending.record
+
+    def _commit(self, batch):
+        try:
+            records = self._write([(p.event, p.data) for p in batch])
+        except (sqlite3.Error, StoreError) as error:
+            failure = error if isinstance(error, StoreError) else StoreError(f"database error: {error}")
+            for pending in batch:
+                pending.error = failure
+            return
+        for pending, record in zip(batch, records):
+            pending.record = record
+        # Still the only committer, so records reach subscribers in id order.
+        self._on_commit(records)
+
+    def _write(self, rows):
+        with self._lock:
+            if self._closed:
+                raise StoreError("the broker is shutting down")
+            ts = self._last_ts
+            records = []
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for event, data in rows:
+                    ts = max(now_us(), ts + 1)    # a tie is bumped: timestamps are unique keys
+                    cursor = self._db.execute(
+                        "INSERT INTO records (event, timestamp, data) VALUES (?, ?, ?)", (event, ts, data))
+                    records.append(Record(cursor.lastrowid, event, ts, data))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._last_ts = ts
+            return records
+
+    def latest(self, after_id, upto_id, events=None):
+        """The latest record of each event (of events, if given), if its id is in (after_id, upto_id]."""
+        sql = ("SELECT r.id, r.event, r.timestamp, r.data FROM latest AS l JOIN records AS r ON r.id = l.id"
+               " WHERE l.id > ? AND l.id <= ?")
+        return self._page(sql, "l", (after_id, upto_id), events)
+
+    def after(self, after_id, upto_id, events=None):
+        """Every record (of events, if given) with an id in (after_id, upto_id], in id order."""
+        sql = "SELECT id, event, timestamp, data FROM records AS r WHERE id > ? AND id <= ?"
+        return self._page(sql, "r", (after_id, upto_id), events)
+
+    def _page(self, sql, table, params, events):
+        """One page of sql (filtered by events, if given) in the id order of table."""
+        if events is not None:
+            sql += f" AND {table}.event IN ({','.join('?' * len(events))})"
+            params += tuple(events)
+        sql += f" ORDER BY {table}.id LIMIT {PAGE_ROWS}"
+        with self._lock:
+            return [Record(*row) for row in self._db.execute(sql, params)]
+
+    def audit(self, event, since=0, limit=PAGE_ROWS):
+        """(timestamp, data) of event's versions after since, oldest first; at most limit rows."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT timestamp, data FROM records WHERE event = ? AND timestamp > ? ORDER BY timestamp LIMIT ?",
+                (event, since, limit)).fetchall()
+
+    def _newest_timestamp(self):
+        return self._query_one("SELECT timestamp FROM records ORDER BY id DESC LIMIT 1") or 0
+
+    def _query_one(self, sql):
+        row = self._db.execute(sql).fetchone()
+        return row[0] if row else None
+
+
+class Frame(typing.NamedTuple):
+    id: int
+    event: str
+    data: bytes        # the record's SSE message, encoded once for every stream
+
+
+class Hub:
+    """Committed records on their way to subscribers.
+
+    self.changed guards newest, closed and the ring of recent frames. The committer notifies it
+    after each commit (publish) and Broker.stop() after close(); the fan-out writer waits on it.
+    """
+
+    def __init__(self, newest_id):
+        self.changed = threading.Condition()
+        self.newest = newest_id
+        self.closed = False
+        self._ring = collections.deque(maxlen=RING_RECORDS)
+        self._floor = newest_id     # records up to here may be missing from the ring
+
+    def publish(self, records):
+        frames = [Frame(r.id, r.event, r.to_sse()) for r in records]
+        with self.changed:
+            for frame in frames:
+                if len(self._ring) == self._ring.maxlen:
+                    self._floor = self._ring[0].id
+                self._ring.append(frame)
+            self.newest = frames[-1].id
+            self.changed.notify_all()
+
+    def close(self):
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def covers(self, cursor):
+        """True if every record after cursor is in the ring (call with self.changed held)."""
+        return cursor >= self._floor
+
+    def frames_after(self, cursor):
+        """The frames after cursor, or None if some have left the ring (call with self.changed held)."""
+        if not self.covers(cursor):
+            return None
+        frames = []
+        for frame in reversed(self._ring):
+            if frame.id <= cursor:
+                break
+            frames.append(frame)
+        frames.reverse()
+        return frames
+
+
+class Subscriber:
+    """One /events socket owned by the fan-out writer; only the writer's thread touches it."""
+    __slots__ = ("sock", "fd", "events", "cursor", "backlog", "owed", "last_write")
+
+    def __init__(self, sock, events, cursor):
+        self.sock, self.fd, self.events, self.cursor = sock, sock.fileno(), events, cursor
+        self.backlog = collections.deque()    # bytes not yet accepted by the socket
+        self.owed = 0
+        self.last_write = time.monotonic()
+
+
+KEEP_ALIVE = chunk(b": keep-alive\n\n")
+END_OF_STREAM = b"0\r\n\r\n"
+
+
+class Fanout:
+    """The one thread that writes live records to every /events socket.
+
+    A connection thread writes the headers and the sync, then hands its socket over (join);
+    from then on only this thread writes it, non-blocking, so a stalled reader stalls nobody.
+    self._joining is guarded by hub.changed; self._streams by self._count_lock; the rest
+    belongs to the writer thread.
+    """
+
+    def __init__(self, hub, heartbeat):
+        self.hub = hub
+        self.heartbeat = heartbeat
+        self._joining = []
+        self._owned = set()           # sockets handed over, so the server must not close them
+        self._subs = {}               # fd -> Subscriber
+        self._selector = selectors.DefaultSelector()
+        self._count_lock = threading.Lock()
+        self._streams = 0             # open /events streams, syncing or live
+        self._thread = threading.Thread(target=self._run, name="broker-fanout", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def join(self, timeout=None):
+        self._thread.join(timeout)
+
+    def count(self):
+        return self._streams
+
+    def owns(self, sock):
+        return sock in self._owned
+
+    def stream_opened(self):
+        with self._count_lock:
+            self._streams += 1
+
+    def stream_closed(self):
+        with self._count_lock:
+            self._streams -= 1
+
+    def join_stream(self, sock, events, cursor):
+        """Hand sock over once the ring holds every record after cursor; else return False."""
+        with self.hub.changed:
+            if self.hub.closed or not self.hub.covers(cursor):
+                return False
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._owned.add(sock)
+            self._joining.append(Subscriber(sock, events, cursor))
+            self.hub.changed.notify_all()
+            return True
+
+    def _run(self):
+        sent = self.hub.newest
+        next_heartbeat = time.monotonic() + self._heartbeat_check_interval()
+        while True:
+            with self.hub.changed:
+                if self.hub.newest <= sent and not self._joining and not self.hub.closed:
+                    self.hub.changed.wait(self._wait_time(next_heartbeat))
+                if self.hub.closed:
+                    break
+                batch = self.hub.frames_after(sent) or []
+                sent = self.hub.newest
+                joining = [(sub, self.hub.frames_after(sub.cursor)) for sub in self._joining]
+                self._joining = []
+            now = time.monotonic()
+            if batch:
+                self._broadcast(batch, now)
+            for sub, frames in joining:
+                self._add(sub, frames, now)
+            self._poll(now)
+            if now >= next_heartbeat:
+                self._send_heartbeats(now)
+                next_heartbeat = now + self._heartbeat_check_interval()
+        self._close_all()
+
+    def _heartbeat_check_interval(self):
+        return min(self.heartbeat / 4, 1.0)
+
+    def _wait_time(self, next_heartbeat):
+        # Sockets are polled between waits: often while a backlog drains, else for hang-ups.
+        if any(sub.backlog for sub in self._subs.values()):
+            return 0.02
+        return max(0.0, min(next_heartbeat - time.monotonic(), 0.5))
+
+    def _broadcast(self, frames, now):
+        chunks = {}       # one encoded chunk per distinct ?event= filter in this batch
+        for sub in list(self._subs.values()):
+            payload = chunks.get(sub.events)
+            if payload is None:
+                payload = chunks[sub.events] = self._encode(frames, sub.events)
+            if payload:
+                self._send(sub, payload, now)
+
+    @staticmethod
+    def _encode(frames, events):
+        data = b"".join(f.data for f in frames if events is None or f.event in events)
+        return chunk(data) if data else b""
+
+    def _add(self, sub, frames, now):
+        if frames is None:     # it fell out of the ring before the writer got to it: let it resume
+            self._drop_socket(sub.sock)
+            return
+        self._subs[sub.fd] = sub
+        self._selector.register(sub.sock, selectors.EVENT_READ, sub)
+        payload = self._encode(frames, sub.events)
+        if payload:
+            self._send(sub, payload, now)
+
+    def _send(self, sub, payload, now):
+        if sub.backlog:
+            self._queue_backlog(sub, payload)
+            return
+        try:
+            written = sub.sock.send(payload)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self._drop(sub)
+            return
+        sub.last_write = now
+        if written < len(payload):
+            self._selector.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
+            self._queue_backlog(sub, memoryview(payload)[written:])
+
+    def _queue_backlog(self, sub, payload):
+        sub.backlog.append(payload)
+        sub.owed += len(payload)
+        if sub.owed > MAX_BACKLOG:
+            self._drop(sub)        # a reader this far behind resumes from the database by id
+
+    def _poll(self, now):
+        for key, mask in self._selector.select(0):
+            sub = key.data
+            if self._subs.get(sub.fd) is not sub:
+                continue      # dropped earlier in this loop
+            if mask & selectors.EVENT_READ and not self._still_connected(sub):
+                self._drop(sub)
+            elif mask & selectors.EVENT_WRITE:
+                self._drain(sub, now)
+
+    def _still_connected(self, sub):
+        try:
+            return sub.sock.recv(4096) != b""   # a client has nothing to say; EOF means gone
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+
+    def _drain(self, sub, now):
+        while sub.backlog:
+            payload = sub.backlog[0]
+            try:
+                written = sub.sock.send(payload)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._drop(sub)
+                return
+            sub.last_write = now
+            sub.owed -= written
+            if written < len(payload):
+                sub.backlog[0] = memoryview(payload)[written:]
+                return
+            sub.backlog.popleft()
+        self._selector.modify(sub.sock, selectors.EVENT_READ, sub)
+
+    def _send_heartbeats(self, now):
+        for sub in list(self._subs.values()):
+            if now - sub.last_write >= self.heartbeat:
+                self._send(sub, KEEP_ALIVE, now)
+
+    def _drop(self, sub):
+        if self._subs.get(sub.fd) is sub:
+            del self._subs[sub.fd]
+            self._selector.unregister(sub.sock)
+            self._drop_socket(sub.sock)
+
+    def _drop_socket(self, sock):
+        self._owned.discard(sock)
+        sock.close()
+        self.stream_closed()
+
+    def _close_all(self):
+        for sub in list(self._subs.values()):
+            if not sub.backlog:
+                try:
+                    sub.sock.send(END_OF_STREAM)
+                except OSError:
+                    pass
+            self._drop(sub)
+        with self.hub.changed:
+            joining, self._joining = self._joining, []
+        for sub in joining:
+            self._drop_socket(sub.sock)
+        self._selector.close()
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024        # socketserver's 5 stalls a crowd of connecting subscribers
+
+    def __init__(self, address, broker):
+        self.broker = broker
+        super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)     # a hang-up is normal, the rest is not
+
+    def shutdown_request(self, request):
+        if not self.broker.fanout.owns(request):     # a live stream now belongs to the fan-out writer
+            super().shutdown_request(request)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Parses a request, routes it to one method per endpoint, and writes the bytes."""
+
+    protocol_version = "HTTP/1.1"          # chunked streams and keep-alive need it
+    default_request_version = "HTTP/1.0"   # a reply to a garbled request line keeps its status line
+    server_version = "broker.py"
+    ROUTES = {
+        "/insert": {"POST": "post_insert"},
+        "/events": {"GET": "get_events"},
+        "/healthz": {"GET": "get_healthz", "HEAD": "get_healthz"},
+    }
+
+    def setup(self):
+        self.timeout = self.server.broker.request_timeout    # read by StreamRequestHandler.setup
+        super().setup()
+
+    def do_GET(self):
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def do_OPTIONS(self):
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization, Last-Event-ID")
+        self.send_header("Access-Control-Max-Age", "3600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _dispatch(self):
+        self._body_read = False
+        try:
+            self._route()()
+        except RequestError as error:
+            if self._body_unread():
+                self.close_connection = True     # its bytes would be read as the next request
+            self._send_json(error.status, {"error": error.message}, error.headers)
+        except StoreError as error:
+            self._send_json(503, {"error": str(error)})
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True      # the client went away: normal, end quietly
+        except Exception:
+            traceback.print_exc()
+            self.close_connection = True
+            if not self._headers_sent:
+                self._send_json(500, {"error": "internal error"})
+
+    def _body_unread(self):
+        length = self.headers.get("Content-Length", "0").strip()
+        return not self._body_read and (length != "0" or "Transfer-Encoding" in self.headers)
+
+    def _route(self):
+        self.url = urllib.parse.urlsplit(self.path)
+        self.query = urllib.parse.parse_qs(self.url.query, keep_blank_values=True)
+        self._headers_sent = False
+        methods = self.ROUTES.get(self.url.path)
+        if methods is None and self.url.path.startswith("/audit/"):
+            methods = {"GET": "get_audit"}
+        if methods is None and self.server.broker.static:
+            methods = {"GET": "get_static", "HEAD": "get_static"}
+        if methods is None:
+            raise RequestError(404, f"no such endpoint: {self.url.path}")
+        if self.command not in methods:
+            allowed = ", ".join(list(methods) + ["OPTIONS"])
+            raise RequestError(405, f"{self.command} is not allowed here; use {allowed}",
+                               [("Allow", allowed)])
+        return getattr(self, methods[self.command])
+
+    def post_insert(self):
+        body = self._read_json_body()
+        event, data = parse_insert(body)
+        record = self.server.broker.store.insert(event, data)
+        self._send_bytes(200, record.to_json(), "application/json")
+
+    def _read_json_body(self):
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(415, "Content-Type must be application/json")
+        if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
+            raise RequestError(411, "Content-Length is required")
+        length_text = self.headers["Content-Length"].strip()
+        if not (length_text.isascii() and length_text.isdigit()):
+            raise RequestError(400, "Content-Length must be a non-negative integer")
+        length = int(length_text)
+        max_body = self.server.broker.max_body
+        if length > max_body:
+            raise RequestError(413, f"body is larger than {max_body} bytes")
+        body = self.rfile.read(length)
+        self._body_read = True
+        if len(body) < length:
+            self.close_connection = True
+            raise RequestError(400, "body is shorter than its Content-Length")
+        return body
+
+    def get_events(self):
+        events = self._event_filter()
+        broker = self.server.broker
+        broker.fanout.stream_opened()
+        handed_over = False
+        try:
+            self._start_stream()
+            cursor = self._sync(broker, events)
+            while not handed_over:
+                handed_over = broker.fanout.join_stream(self.request, events, cursor)
+                if not handed_over:
+                    if broker.hub.closed:
+                        self.wfile.write(END_OF_STREAM)
+                        break
+                    cursor = self._catch_up(broker, events, cursor)
+        finally:
+            self.close_connection = True
+            if not handed_over:
+                broker.fanout.stream_closed()
+
+    def _event_filter(self):
+        names = self.query.get("event")
+        if names is None:
+            return None
+        if len(names) > MAX_FILTERS:
+            raise RequestError(400, f"at most {MAX_FILTERS} event filters per stream")
+        return frozenset(check_event_name(name) for name in names)
+
+    def _resume_id(self, newest):
+        """The Last-Event-ID to resume after, or None for a full sync (the header wins)."""
+        text = self.headers.get("Last-Event-ID")
+        if text is None:
+            text = (self.query.get("lastEventId") or self.query.get("last_event_id") or [None])[0]
+        if text is None or not (text.strip().isascii() and text.strip().isdigit()):
+            return None
+        resume = int(text)
+        return resume if resume <= newest else None     # a larger id: the database was replaced
+
+    def _start_stream(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("X-Accel-Buffering", "no")
+        self.end_headers()
+        self._write_chunk(b"retry: %d\n\n" % RETRY_MS)
+
+    def _sync(self, broker, events):
+        """Send the sync (or the resume's replay) and the id-only block; return its cursor."""
+        with broker.hub.changed:
+            newest = broker.hub.newest
+        resume = self._resume_id(newest)
+        read_page = broker.store.latest if resume is None else broker.store.after
+        cursor = 0 if resume is None else resume
+        while True:
+            records = read_page(cursor, newest, events)
+            if not records:
+                break
+            self._write_chunk(b"".join(r.to_sse() for r in records))
+            cursor = records[-1].id
+        self._write_chunk(b"id: %d\n\n" % newest)
+        return newest
+
+    def _catch_up(self, broker, events, cursor):
+        """Send, from the database, what was committed after cursor; return the new cursor."""
+        with broker.hub.changed:
+            newest = broker.hub.newest
+        while cursor < newest:
+            records = broker.store.after(cursor, newest, events)
+            if not records:
+                break
+            self._write_chunk(b"".join(r.to_sse() for r in records))
+            cursor = records[-1].id
+        return newest
+
+    def get_audit(self):
+        event = check_event_name(self._path_event())
+        since = non_negative_int(self._query_value("since", "0"), "since")
+        limit = self._query_value("limit", None)
+        limit = None if limit is None else non_negative_int(limit, "limit")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._headers_sent = True
+        for part in audit_json(self.server.broker.store, event, since, limit):
+            self._write_chunk(part)
+        self.wfile.write(END_OF_STREAM)
+
+    def _path_event(self):
+        try:
+            return urllib.parse.unquote(self.url.path[len("/audit/"):], errors="strict")
+        except UnicodeDecodeError:
+            raise RequestError(400, "event name in the path is not valid UTF-8") from None
+
+    def _query_value(self, name, default):
+        values = self.query.get(name)
+        return default if not values else values[-1]
+
+    def get_healthz(self):
+        broker = self.server.broker
+        body = json_bytes({"status": "ok", "subscribers": broker.fanout.count(), "last_id": broker.hub.newest})
+        self._send_bytes(200, body, "application/json")
+
+    def get_static(self):
+        path = static_file(self.server.broker.static, self.url.path)
+        content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        with open(path, "rb") as file:
+            self._send_bytes(200, file.read(), content_type)
+
+    def send_response(self, code, message=None):
+        super().send_response(code, message)
+        origin = self.server.broker.origin
+        self.send_header("Access-Control-Allow-Origin", origin)
+        if origin != "*":
+            self.send_header("Vary", "Origin")
+
+    def send_error(self, code, message=None, explain=None):
+        # The base class calls this for malformed requests too; they get JSON like the rest.
+        self.close_connection = True
+        self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
+
+    def _send_json(self, status, value, headers=()):
+        self._send_bytes(status, json_bytes(value), "application/json", headers)
+
+    def _send_bytes(self, status, body, content_type, headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def end_headers(self):
+        super().end_headers()
+        self._headers_sent = True
+
+    def _write_chunk(self, payload):
+        if payload:
+            self.wfile.write(chunk(payload))
+
+    def log_message(self, format, *args):
+        if not self.server.broker.quiet:
+            super().log_message(format, *args)
+
+
+def static_file(root, url_path):
+    """The file under root that url_path names; 404 for anything outside root (.., symlinks)."""
+    relative = urllib.parse.unquote(url_path).lstrip("/")
+    if "\x00" in relative:
+        raise RequestError(404, f"no such file: {url_path}")
+    root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root, relative))
+    if os.path.commonpath([root, path]) != root:
+        raise RequestError(404, f"no such file: {url_path}")
+    if os.path.isdir(path):
+        path = os.path.join(path, "index.html")
+    if not os.path.isfile(path):
+        raise RequestError(404, f"no such file: {url_path}")
+    return path
+
+
+def audit_json(store, event, since=0, limit=None):
+    """Yield GET /audit/{event} as pieces of one JSON object, a page of rows at a time."""
+    separator = b"{"
+    left = limit
+    while left is None or left > 0:
+        rows = store.audit(event, since, PAGE_ROWS if left is None else min(left, PAGE_ROWS))
+        if not rows:
+            break
+        yield separator + b",".join(
+            json_bytes(f"{event}_v_{ts}") + b":" + data.encode() for ts, data in rows)
+        separator = b","
+        since = rows[-1][0]
+        if left is not None:
+            left -= len(rows)
+    yield b"{}" if separator == b"{" else b"}"
+
+
+class Broker:
+    """The whole server: start/stop, and publish/latest/audit for a program embedding it."""
+
+    def __init__(self, **options):
+        unknown = set(options) - {name for name, *_ in OPTIONS}
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        for name, _env, default, convert, _help in OPTIONS:
+            value = options.get(name, default)
+            if value is not None and convert is not str and convert is not bool:
+                value = convert(value)
+            setattr(self, name, value)
+        self.store = self.hub = self.fanout = self._server = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    def start(self):
+        """Open the database, listen, and serve in background threads; return self."""
+        if self.db != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(self.db)), exist_ok=True)
+        if self.static is not None and not os.path.isdir(self.static):
+            raise ValueError(f"static folder not found: {self.static}")
+        self.store = Store(self.db, self.sync, on_commit=self._on_commit)
+        self.hub = Hub(self.store.newest_id())
+        self.fanout = Fanout(self.hub, self.heartbeat)
+        try:
+            self._server = Server((self.host, self.port), self)
+        except OSError:
+            self.store.close()
+            raise
+        self.fanout.start()
+        threading.Thread(target=self._server.serve_forever, name="broker-accept", daemon=True).start()
+        return self
+
+    def _on_commit(self, records):
+        self.hub.publish(records)
+
+    def stop(self):
+        """Stop accepting, end every stream, close the database. Safe to call twice, from any thread."""
+        with self._stop_lock:
+            if self._stopped.is_set() or self._server is None:
+                self._stopped.set()
+                return
+            self._server.shutdown()
+            self._server.server_close()
+            self.hub.close()
+            self.fanout.join(timeout=5)
+            self.store.close()
+            self._stopped.set()
+
+    def serve_forever(self):
+        """Serve until stop() is called (by a signal handler, say)."""
+        if self._server is None:
+            self.start()
+        self._stopped.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @property
+    def url(self):
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def publish(self, event, data):
+        """Store and broadcast a record, exactly as POST /insert does; return the record."""
+        record = self.store.insert(check_event_name(event), encode_data(data))
+        return record.to_dict()
+
+    def latest(self):
+        """{event: data} for the latest record of every event."""
+        state, cursor, newest = {}, 0, self.hub.newest
+        while True:
+            records = self.store.latest(cursor, newest)
+            if not records:
+                return state
+            state.update((r.event, json.loads(r.data)) for r in records)
+            cursor = records[-1].id
+
+    def audit(self, event, since=0, limit=None):
+        """The same mapping as GET /audit/{event}."""
+        return json.loads(b"".join(audit_json(self.store, check_event_name(event), since, limit)))
+
+    def subscribe(self, events=None, last_event_id=None, timeout=None):
+        """The records of this broker's /events, as broker.subscribe() yields them."""
+        return subscribe(self.url, events, last_event_id, timeout)
+
+
+def publish_to(url, event, data, timeout=10):
+    """POST an insert to the broker at url and return the record; RequestError on a refusal."""
+    connection, prefix = connect(url, timeout)
+    try:
+        connection.request("POST", prefix + "/insert", json_bytes({"event": event, "data": data}),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise RequestError(response.status, error_message(response.status, body))
+    return json.loads(body)
+
+
+def subscribe(url, events=None, last_event_id=None, timeout=None):
+    """Yield records {"id", "event", "data"} from the broker at url, resuming after a drop.
+
+    timeout: seconds to wait for the next record (reconnecting included) before TimeoutError.
+    """
+    query = urllib.parse.urlencode([("event", name) for name in events or ()])
+    parser = EventStreamParser(last_event_id)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            for record in stream_once(url, query, parser, timeout):
+                yield record
+                deadline = None if timeout is None else time.monotonic() + timeout
+        except (OSError, http.client.HTTPException):
+            pass      # dropped or refused: reconnect with Last-Event-ID, as a browser does
+        if deadline is not None and time.monotonic() + parser.retry > deadline:
+            raise TimeoutError(f"no record from {url} within {timeout} seconds")
+        time.sleep(parser.retry)
+
+
+def stream_once(url, query, parser, timeout):
+    """Yield the records of one /events connection until the server closes it."""
+    connection, prefix = connect(url, timeout)
+    try:
+        headers = {"Accept": "text/event-stream"}
+        if parser.last_event_id:
+            headers["Last-Event-ID"] = parser.last_event_id
+        connection.request("GET", prefix + "/events" + ("?" + query if query else ""), headers=headers)
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RequestError(response.status, error_message(response.status, response.read()))
+        while True:
+            data = response.read1(65536)
+            if not data:
+                return
+            yield from parser.feed(data)
+    except socket.timeout:
+        raise TimeoutError(f"no record from {url} within {timeout} seconds") from None
+    finally:
+        connection.close()
+
+
+def connect(url, timeout):
+    """An HTTP(S) connection to url's host, and url's path to put before each endpoint."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"broker url must start with http:// or https://, not {url!r}")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    return kind(parts.hostname, parts.port, timeout=timeout), parts.path.rstrip("/")
+
+
+def error_message(status, body):
+    try:
+        return json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
+
+
+class EventStreamParser:
+    """Server-Sent Events, parsed as the WHATWG rules say: CRLF, LF or CR line ends, comments,
+    multi-line data, and the last event id kept across connections."""
+
+    def __init__(self, last_event_id=None):
+        self.last_event_id = "" if last_event_id is None else str(last_event_id)
+        self.retry = RETRY_MS / 1000
+        self._text = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._reset()
+
+    def _reset(self):
+        self._event, self._data = "", []
+
+    def feed(self, data):
+        """Return the records completed by these bytes."""
+        self._text += self._decoder.decode(data)
+        # A CR at the very end may be the first half of a CRLF: keep it for the next bytes.
+        end = len(self._text) - self._text.endswith("\r")
+        lines = LINE_END.split(self._text[:end])
+        self._text = lines.pop() + self._text[end:]
+        records = []
+        for line in lines:
+            record = self._line(line)
+            if record is not None:
+                records.append(record)
+        return records
+
+    def _line(self, line):
+        if not line:
+            return self._dispatch()
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self.last_event_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry = int(value) / 1000
+        return None          # a comment (name == "") or an unknown field
+
+    def _dispatch(self):
+        event, data = self._event or "message", self._data
+        self._reset()
+        if not data:
+            return None      # an id-only block moves the cursor and fires nothing
+        text = "\n".join(data)
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        record_id = int(self.last_event_id) if self.last_event_id.isdigit() else self.last_event_id
+        return {"id": record_id, "event": event, "data": value}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_settings(argv, environ):
+    parser = OneLineParser(prog="broker.py", description="A real-time, zero-code API server.")
+    for name, env, default, convert, help_text in OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        if convert is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+            continue
+        if env and env in environ:
+            try:
+                default = convert(environ[env])
+            except ValueError as error:
+                parser.error(f"{env}={environ[env]!r}: {error}")
+        shown = f" (env {env}, default {default})"
+        parser.add_argument(flag, default=default, type=named_type(convert), help=help_text + shown,
+                            metavar=name.upper())
+    settings = vars(parser.parse_args(argv))
+    problem = path_problem(settings)
+    if problem:
+        parser.error(problem)
+    return settings
+
+
+def path_problem(settings):
+    """Why the --db or --static path cannot work, or None."""
+    static = settings["static"]
+    if static is not None and not os.path.isdir(static):
+        return f"argument --static: {static!r} is not a folder"
+    if settings["db"] != ":memory:":
+        folder = os.path.dirname(os.path.abspath(settings["db"]))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as error:
+            return f"argument --db: cannot create folder {folder!r}: {error.strerror}"
+    return None
+
+
+def named_type(convert):
+    """convert, raising the ArgumentTypeError that makes argparse show the reason."""
+    def converted(text):
+        try:
+            return convert(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return converted
+
+
+def raise_open_file_limit():
+    # Each subscriber is an open socket: allow as many as the hard limit does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv=None):
+    settings = parse_settings(argv, os.environ)
+    raise_open_file_limit()
+    broker = Broker(**settings)
+    try:
+        broker.start()
+    except (OSError, ValueError, sqlite3.Error) as error:
+        print(f"broker.py: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError) else 1
+    print(f"broker listening on {broker.url} (db {broker.db})", flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: threading.Thread(target=broker.stop).start())
+    broker.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,921 @@
+"""Tests for broker.py: real servers on port 0, real sockets, real SQLite files.
+
+    python3 -m unittest -v test_broker
+"""
+import http.client
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+
+import broker
+from broker import Broker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 5          # seconds any single read may wait before a test fails
+_names = itertools.count()
+
+
+def unique_event(test, suffix=""):
+    """An event name no other test uses, so tests sharing a broker never see each other's records."""
+    return f"{test.id().rsplit('.', 1)[-1]}-{next(_names)}{suffix}"
+
+
+def temp_db(test_class):
+    folder = tempfile.TemporaryDirectory()
+    test_class.addClassCleanup(folder.cleanup)
+    return os.path.join(folder.name, "broker.db")
+
+
+def start_broker(test_class, **options):
+    options.setdefault("db", temp_db(test_class))
+    started = Broker(port=0, quiet=True, **options).start()
+    test_class.addClassCleanup(started.stop)
+    return started
+
+
+def address(server):
+    parts = urllib.parse.urlsplit(server.url)
+    return parts.hostname, parts.port
+
+
+def call(server, method, path, body=None, headers=None):
+    """One HTTP request; return (status, JSON body or None, headers)."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", **(headers or {})}
+    connection = http.client.HTTPConnection(*address(server), timeout=TIMEOUT)
+    try:
+        connection.request(method, path, body, headers or {})
+        response = connection.getresponse()
+        payload = response.read()
+    finally:
+        connection.close()
+    parsed = json.loads(payload) if payload and "json" in response.getheader("Content-Type", "") else None
+    return response.status, parsed, response.headers
+
+
+def insert(server, body, content_type="application/json"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return call(server, "POST", "/insert", data, {"Content-Type": content_type})
+
+
+def raw(server, request, timeout=TIMEOUT):
+    """Send bytes http.client would not send; return everything the server answers until it closes."""
+    with socket.create_connection(address(server), timeout=timeout) as sock:
+        sock.sendall(request)
+        received = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return received
+            received += data
+
+
+def status_of(response):
+    return int(response.split(b" ", 2)[1])
+
+
+def body_of(response):
+    return json.loads(response.split(b"\r\n\r\n", 1)[1])
+
+
+class EventStream:
+    """A raw-socket /events client: de-chunks the body and splits it into SSE blocks."""
+
+    def __init__(self, server, path="/events", headers=None, timeout=TIMEOUT):
+        self.sock = socket.create_connection(address(server), timeout=timeout)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {server.url[7:]}"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self._buffer = b""
+        head = self._read_until(b"\r\n\r\n")
+        status_line, *header_lines = head.decode().split("\r\n")
+        self.status = int(status_line.split()[1])
+        self.version = status_line.split()[0]
+        self.headers = dict(line.split(": ", 1) for line in header_lines)
+        self.body = b""        # de-chunked bytes not yet split into blocks
+        self.ended = False
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _read_until(self, marker):
+        while marker not in self._buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("server closed the stream")
+            self._buffer += data
+        found, self._buffer = self._buffer.split(marker, 1)
+        return found
+
+    def _read_exactly(self, size):
+        while len(self._buffer) < size:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("server closed the stream")
+            self._buffer += data
+        found, self._buffer = self._buffer[:size], self._buffer[size:]
+        return found
+
+    def read_chunk(self):
+        size = int(self._read_until(b"\r\n"), 16)
+        data = self._read_exactly(size)
+        self._read_exactly(2)
+        if size == 0:
+            self.ended = True
+        return data
+
+    def read_raw_block(self):
+        """The next SSE block, as the bytes before its blank line."""
+        while b"\n\n" not in self.body:
+            if self.ended:
+                raise EOFError("stream ended")
+            self.body += self.read_chunk()
+        block, self.body = self.body.split(b"\n\n", 1)
+        return block
+
+    def read_block(self):
+        """The next block as a dict of its fields; a comment is {"comment": text}."""
+        fields = {}
+        for line in self.read_raw_block().decode().split("\n"):
+            if line.startswith(":"):
+                fields["comment"] = line[1:].strip()
+            else:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+        return fields
+
+    def read_message(self):
+        """The next block that is a record, skipping retry, comments and id-only blocks."""
+        while True:
+            block = self.read_block()
+            if "data" in block:
+                return {"id": int(block["id"]), "event": block["event"], "data": json.loads(block["data"])}
+
+    def read_sync(self):
+        """The records of the sync (or resume) and the id of the id-only block that ends it."""
+        records = []
+        while True:
+            block = self.read_block()
+            if "data" in block:
+                records.append({"id": int(block["id"]), "event": block["event"], "data": json.loads(block["data"])})
+            elif "id" in block:
+                return records, int(block["id"])
+
+
+def wait_until(predicate, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def subscribers(server):
+    return call(server, "GET", "/healthz")[1]["subscribers"]
+
+
+class InsertTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, max_body=65536)
+
+    def test_insert_returns_the_stored_record(self):
+        name = unique_event(self)
+        before = time.time_ns() // 1000
+        status, record, _ = insert(self.broker, {"event": name, "data": {"name": "Ada"}, "other": 1})
+        self.assertEqual(status, 200)
+        self.assertEqual(set(record), {"id", "event", "timestamp", "data"})
+        self.assertEqual((record["event"], record["data"]), (name, {"name": "Ada"}))
+        self.assertGreaterEqual(record["timestamp"], before)
+        self.assertEqual(self.broker.audit(name), {f"{name}_v_{record['timestamp']}": {"name": "Ada"}})
+
+    def test_any_json_value_is_data(self):
+        for data in [None, 0, -1.5, "text", [], [1, "two"], {"nested": {"deep": [True]}}, "ünïcödé ✓ \u2028"]:
+            with self.subTest(data=data):
+                status, record, _ = insert(self.broker, {"event": unique_event(self), "data": data})
+                self.assertEqual((status, record["data"]), (200, data))
+
+    def test_content_type_with_charset_is_accepted(self):
+        body = json.dumps({"event": unique_event(self), "data": 1}).encode()
+        status, _, _ = insert(self.broker, body, "application/json; charset=utf-8")
+        self.assertEqual(status, 200)
+
+    def assert_refused(self, status, body, expected_status, expected_error):
+        self.assertEqual(status, expected_status)
+        self.assertIn(expected_error, body["error"])
+
+    def test_bad_bodies_are_400_and_store_nothing(self):
+        name = unique_event(self)
+        cases = [
+            (b"\xff\xfe{}", "not valid UTF-8"),
+            (b"{not json", "not valid JSON"),
+            (b"", "not valid JSON"),
+            (b"[1, 2]", "must be a JSON object"),
+            (b'"text"', "must be a JSON object"),
+            (json.dumps({"data": 1}).encode(), '"event" is missing'),
+            (json.dumps({"event": 5, "data": 1}).encode(), '"event" must be a string'),
+            (json.dumps({"event": "", "data": 1}).encode(), '"event" must not be empty'),
+            (json.dumps({"event": "x" * 256, "data": 1}).encode(), "at most 255 characters"),
+            (json.dumps({"event": "a\nb", "data": 1}).encode(), "control characters"),
+            (json.dumps({"event": "a\x00b", "data": 1}).encode(), "control characters"),
+            (json.dumps({"event": "a\x1fb", "data": 1}).encode(), "control characters"),
+            (json.dumps({"event": "a\x7fb", "data": 1}).encode(), "control characters"),
+            (b'{"event": "\\ud800", "data": 1}', "lone surrogate"),
+            (json.dumps({"event": name}).encode(), '"data" is missing'),
+            (b'{"event": "%s", "data": NaN}' % name.encode(), "NaN and Infinity are not valid JSON"),
+            (b'{"event": "%s", "data": [Infinity]}' % name.encode(), "NaN and Infinity are not valid JSON"),
+            (b'{"event": "%s", "data": {"a": -Infinity}}' % name.encode(), "NaN and Infinity are not valid JSON"),
+            (b'{"event": "%s", "data": 1e999}' % name.encode(), "NaN and Infinity are not valid JSON"),
+            (b'{"event": "%s", "data": 1, "ignored": NaN}' % name.encode(), "NaN and Infinity are not valid JSON"),
+            (b'{"event": "%s", "data": {"k": "\\udc00"}}' % name.encode(), "lone surrogate"),
+            (b'{"event": "%s", "data": %s}' % (name.encode(), b"[" * 3000 + b"]" * 3000), "nested too deeply"),
+        ]
+        last_id = call(self.broker, "GET", "/healthz")[1]["last_id"]
+        for body, error in cases:
+            with self.subTest(body=body[:40], error=error):
+                status, answer, headers = insert(self.broker, body)
+                self.assert_refused(status, answer, 400, error)
+                self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(call(self.broker, "GET", "/healthz")[1]["last_id"], last_id)
+        self.assertEqual(self.broker.audit(name), {})
+
+    def test_event_of_255_characters_is_accepted(self):
+        status, record, _ = insert(self.broker, {"event": "é" * 255, "data": 1})
+        self.assertEqual((status, record["event"]), (200, "é" * 255))
+
+    def test_wrong_content_type_is_415(self):
+        for content_type in ["text/plain", "application/x-www-form-urlencoded", ""]:
+            with self.subTest(content_type=content_type):
+                body = json.dumps({"event": unique_event(self), "data": 1}).encode()
+                status, answer, _ = insert(self.broker, body, content_type)
+                self.assert_refused(status, answer, 415, "Content-Type must be application/json")
+
+    def test_missing_content_length_is_411(self):
+        response = raw(self.broker, b"POST /insert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n")
+        self.assertEqual(status_of(response), 411)
+        self.assertEqual(body_of(response), {"error": "Content-Length is required"})
+
+    def test_oversized_body_is_413_without_reading_it(self):
+        # Only the headers are sent: the answer must come without the server waiting for the body.
+        with socket.create_connection(address(self.broker), timeout=TIMEOUT) as sock:
+            sock.sendall(b"POST /insert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100000000\r\n\r\n")
+            response = b""
+            while not response.endswith(b"}"):
+                response += sock.recv(65536)
+        self.assertEqual(status_of(response), 413)
+        self.assertIn(b"Connection: close", response)
+        self.assertEqual(body_of(response), {"error": "body is larger than 65536 bytes"})
+
+    def test_connection_stays_usable_after_a_refusal(self):
+        connection = http.client.HTTPConnection(*address(self.broker), timeout=TIMEOUT)
+        self.addCleanup(connection.close)
+        statuses = []
+        for body, content_type in [(b"{bad", "application/json"), (b'{"event":"x","data":1}', "text/plain"),
+                                   (json.dumps({"event": unique_event(self), "data": 2}).encode(), "application/json")]:
+            connection.request("POST", "/insert", body, {"Content-Type": content_type})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        self.assertEqual(statuses, [400, 415, 200])
+
+    def test_ids_and_timestamps_strictly_increase_under_concurrent_publishers(self):
+        name = unique_event(self)
+        records, errors = [], []
+
+        def publish_many(worker):
+            connection = http.client.HTTPConnection(*address(self.broker), timeout=TIMEOUT)
+            try:
+                for n in range(40):
+                    connection.request("POST", "/insert", json.dumps({"event": name, "data": [worker, n]}),
+                                       {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    records.append(json.loads(response.read()))
+            except Exception as error:      # reported below, in the test's own thread
+                errors.append(error)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=publish_many, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [])
+        records.sort(key=lambda r: r["id"])
+        self.assertEqual(len(records), 320)
+        timestamps = [r["timestamp"] for r in records]
+        self.assertEqual(timestamps, sorted(set(timestamps)))
+        self.assertEqual(len({r["id"] for r in records}), 320)
+        history = self.broker.audit(name)
+        self.assertEqual(list(history), [f"{name}_v_{ts}" for ts in timestamps])
+
+
+class EventsTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls)
+
+    def subscribe(self, path="/events", headers=None):
+        stream = EventStream(self.broker, path, headers)
+        self.addCleanup(stream.close)
+        return stream
+
+    def test_stream_headers(self):
+        stream = self.subscribe()
+        self.assertEqual(stream.version, "HTTP/1.1")
+        self.assertEqual(stream.status, 200)
+        self.assertEqual(stream.headers["Content-Type"], "text/event-stream")
+        self.assertEqual(stream.headers["Cache-Control"], "no-cache")
+        self.assertEqual(stream.headers["Transfer-Encoding"], "chunked")
+        self.assertEqual(stream.headers["X-Accel-Buffering"], "no")
+
+    def test_framing_byte_for_byte(self):
+        name = unique_event(self)
+        record = self.broker.publish(name, {"a": [1, "é"]})
+        stream = self.subscribe(f"/events?event={name}")
+        self.assertEqual(stream.read_raw_block(), b"retry: 3000")
+        self.assertEqual(stream.read_raw_block(),
+                         b'id: %d\nevent: %s\ndata: {"a":[1,"\xc3\xa9"]}' % (record["id"], name.encode()))
+        self.assertEqual(stream.read_raw_block(), b"id: %d" % self.broker.hub.newest)
+        live = self.broker.publish(name, "two")
+        self.assertEqual(stream.read_raw_block(), b'id: %d\nevent: %s\ndata: "two"' % (live["id"], name.encode()))
+
+    def test_sync_sends_latest_of_each_event_in_id_order_then_live(self):
+        a, b = unique_event(self), unique_event(self)
+        self.broker.publish(a, 1)
+        self.broker.publish(b, 1)
+        latest_a = self.broker.publish(a, 2)
+        stream = self.subscribe(f"/events?event={a}&event={b}")
+        records, cursor = stream.read_sync()
+        self.assertEqual([(r["event"], r["data"]) for r in records], [(b, 1), (a, 2)])
+        self.assertEqual(cursor, self.broker.hub.newest)
+        self.assertGreaterEqual(cursor, latest_a["id"])
+        live = self.broker.publish(b, 3)
+        self.assertEqual(stream.read_message(), {"id": live["id"], "event": b, "data": 3})
+
+    def test_unfiltered_sync_holds_every_event(self):
+        names = [unique_event(self) for _ in range(3)]
+        for n, name in enumerate(names):
+            self.broker.publish(name, n)
+        records, _ = self.subscribe().read_sync()
+        events = [r["event"] for r in records]
+        self.assertTrue(set(names) <= set(events))
+        self.assertEqual(len(events), len(set(events)))
+        self.assertEqual([r["id"] for r in records], sorted(r["id"] for r in records))
+
+    def test_filter_limits_sync_and_live(self):
+        wanted, other = unique_event(self), unique_event(self)
+        self.broker.publish(other, 0)
+        stream = self.subscribe(f"/events?event={urllib.parse.quote(wanted)}")
+        self.assertEqual(stream.read_sync()[0], [])
+        self.broker.publish(other, 1)
+        record = self.broker.publish(wanted, 2)
+        self.assertEqual(stream.read_message()["id"], record["id"])
+
+    def test_bad_filter_is_400(self):
+        status, body, _ = call(self.broker, "GET", "/events?event=")
+        self.assertEqual((status, body), (400, {"error": '"event" must not be empty'}))
+
+    def test_resume_by_header_sends_every_newer_record(self):
+        name = unique_event(self)
+        first = self.broker.publish(name, 1)
+        self.broker.publish(name, 2)
+        self.broker.publish(name, 3)
+        stream = self.subscribe(f"/events?event={name}", {"Last-Event-ID": str(first["id"])})
+        records, cursor = stream.read_sync()
+        self.assertEqual([r["data"] for r in records], [2, 3])
+        self.assertEqual(cursor, self.broker.hub.newest)
+
+    def test_resume_by_query(self):
+        name = unique_event(self)
+        first = self.broker.publish(name, 1)
+        self.broker.publish(name, 2)
+        for key in ("lastEventId", "last_event_id"):
+            with self.subTest(key=key):
+                stream = self.subscribe(f"/events?event={name}&{key}={first['id']}")
+                self.assertEqual([r["data"] for r in stream.read_sync()[0]], [2])
+
+    def test_header_wins_over_query(self):
+        name = unique_event(self)
+        first = self.broker.publish(name, 1)
+        second = self.broker.publish(name, 2)
+        self.broker.publish(name, 3)
+        stream = self.subscribe(f"/events?event={name}&lastEventId={first['id']}",
+                                {"Last-Event-ID": str(second["id"])})
+        self.assertEqual([r["data"] for r in stream.read_sync()[0]], [3])
+
+    def test_bad_or_future_last_event_id_gets_a_full_sync(self):
+        name = unique_event(self)
+        self.broker.publish(name, 1)
+        self.broker.publish(name, 2)
+        for value in ("abc", "-1", "1.5", str(self.broker.hub.newest + 1000)):
+            with self.subTest(value=value):
+                stream = self.subscribe(f"/events?event={name}", {"Last-Event-ID": value})
+                self.assertEqual([r["data"] for r in stream.read_sync()[0]], [2])
+
+    def test_resume_at_the_newest_id_replays_nothing(self):
+        name = unique_event(self)
+        self.broker.publish(name, 1)
+        stream = self.subscribe(f"/events?event={name}", {"Last-Event-ID": str(self.broker.hub.newest)})
+        self.assertEqual(stream.read_sync()[0], [])
+        record = self.broker.publish(name, 2)
+        self.assertEqual(stream.read_message()["id"], record["id"])
+
+    def test_subscribers_joining_during_inserts_end_with_exactly_the_final_state(self):
+        names = [unique_event(self) for _ in range(5)]
+        query = "&".join(f"event={n}" for n in names)
+        done = threading.Event()
+
+        def publish_all():
+            for n in range(300):
+                self.broker.publish(names[n % 5], n)
+            done.set()
+
+        publisher = threading.Thread(target=publish_all)
+        publisher.start()
+        streams = []
+        while not done.is_set() or len(streams) < 3:
+            streams.append(self.subscribe(f"/events?{query}"))
+        publisher.join()
+        final = self.broker.hub.newest
+        expected = {names[n % 5]: n for n in range(295, 300)}
+        for stream in streams:
+            state, ids = {}, []
+            records, cursor = stream.read_sync()
+            while cursor < final:
+                record = records.pop(0) if records else stream.read_message()
+                ids.append(record["id"])
+                state[record["event"]] = record["data"]
+                cursor = max(cursor, record["id"])
+            for record in records:
+                ids.append(record["id"])
+                state[record["event"]] = record["data"]
+            self.assertEqual(ids, sorted(set(ids)), "ids must strictly increase: no duplicate")
+            self.assertEqual(state, expected)
+        self.assertGreater(len(streams), 3)
+
+    def test_live_stream_has_no_gap_while_inserts_run(self):
+        name = unique_event(self)
+        stream = self.subscribe(f"/events?event={name}")
+        stream.read_sync()
+        published = [self.broker.publish(name, n)["id"] for n in range(200)]
+        self.assertEqual([stream.read_message()["id"] for _ in published], published)
+
+    def test_heartbeat_after_silence(self):
+        quick = Broker(db=":memory:", port=0, quiet=True, heartbeat=0.2).start()
+        self.addCleanup(quick.stop)
+        stream = EventStream(quick)
+        self.addCleanup(stream.close)
+        stream.read_sync()
+        started = time.monotonic()
+        self.assertEqual(stream.read_block(), {"comment": "keep-alive"})
+        self.assertGreaterEqual(time.monotonic() - started, 0.1)
+
+    def test_non_reading_subscriber_does_not_stall_others(self):
+        name = unique_event(self)
+        stalled = socket.create_connection(address(self.broker))
+        self.addCleanup(stalled.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(f"GET /events?event={name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        reader = self.subscribe(f"/events?event={name}")
+        reader.read_sync()
+        big = "x" * 100_000
+        published = [self.broker.publish(name, [n, big])["id"] for n in range(60)]   # 6 MB: far past any buffer
+        self.assertEqual([reader.read_message()["id"] for _ in published], published)
+
+    def test_disconnected_subscriber_is_released(self):
+        own = start_broker(type(self))      # other tests' streams would move the count
+        stream = EventStream(own)
+        stream.read_sync()
+        self.assertEqual(subscribers(own), 1)
+        stream.close()
+        wait_until(lambda: subscribers(own) == 0)
+        self.assertEqual(own.publish("after", 1)["data"], 1)
+
+
+class AuditTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls)
+
+    def test_audit_lists_versions_oldest_first(self):
+        name = unique_event(self)
+        records = [self.broker.publish(name, n) for n in range(3)]
+        status, body, headers = call(self.broker, "GET", f"/audit/{name}")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        self.assertEqual(list(body.items()), [(f"{name}_v_{r['timestamp']}", r["data"]) for r in records])
+
+    def test_audit_matches_the_name_exactly(self):
+        name = unique_event(self)
+        self.broker.publish(name, "short")
+        self.broker.publish(name + "name", "longer")
+        self.broker.publish("x" + name, "prefixed")
+        status, body, _ = call(self.broker, "GET", f"/audit/{name}")
+        self.assertEqual((status, list(body.values())), (200, ["short"]))
+
+    def test_unknown_event_is_an_empty_object(self):
+        self.assertEqual(call(self.broker, "GET", f"/audit/{unique_event(self)}")[:2], (200, {}))
+
+    def test_name_is_percent_decoded(self):
+        name = unique_event(self, " a/b?é")
+        self.broker.publish(name, 1)
+        status, body, _ = call(self.broker, "GET", "/audit/" + urllib.parse.quote(name, safe=""))
+        self.assertEqual((status, list(body.values())), (200, [1]))
+
+    def test_since_and_limit_page_through_history(self):
+        name = unique_event(self)
+        records = [self.broker.publish(name, n) for n in range(1203)]   # more than one database page
+        pages, since = [], 0
+        while True:
+            _, body, _ = call(self.broker, "GET", f"/audit/{name}?since={since}&limit=400")
+            if not body:
+                break
+            pages.append(list(body.values()))
+            since = int(list(body)[-1].rsplit("_v_", 1)[1])
+        self.assertEqual([len(p) for p in pages], [400, 400, 400, 3])
+        self.assertEqual(sum(pages, []), list(range(1203)))
+        _, everything, _ = call(self.broker, "GET", f"/audit/{name}")
+        self.assertEqual(list(everything), [f"{name}_v_{r['timestamp']}" for r in records])
+
+    def test_since_is_exclusive(self):
+        name = unique_event(self)
+        first = self.broker.publish(name, 1)
+        self.broker.publish(name, 2)
+        status, body, _ = call(self.broker, "GET", f"/audit/{name}?since={first['timestamp']}")
+        self.assertEqual((status, list(body.values())), (200, [2]))
+
+    def test_bad_paging_values_are_400(self):
+        for query in ("since=-1", "since=abc", "limit=1.5", "limit=", "limit=-3"):
+            with self.subTest(query=query):
+                status, body, _ = call(self.broker, "GET", f"/audit/user?{query}")
+                self.assertEqual(status, 400)
+                self.assertIn("must be a non-negative integer", body["error"])
+
+    def test_bad_names_are_400(self):
+        for path in ("/audit/", "/audit/%ff", "/audit/a%0Ab"):
+            with self.subTest(path=path):
+                status, body, _ = call(self.broker, "GET", path)
+                self.assertEqual(status, 400)
+                self.assertIn("error", body)
+
+
+class CorsTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.open = start_broker(cls)
+        cls.closed = start_broker(cls, origin="https://app.example.com")
+
+    def test_every_response_allows_the_origin(self):
+        for path, method in [("/healthz", "GET"), ("/nowhere", "GET"), ("/insert", "GET"), ("/audit/x", "GET")]:
+            with self.subTest(path=path):
+                _, _, headers = call(self.open, method, path)
+                self.assertEqual(headers["Access-Control-Allow-Origin"], "*")
+                self.assertIsNone(headers["Vary"])
+        stream = EventStream(self.open)
+        self.addCleanup(stream.close)
+        self.assertEqual(stream.headers["Access-Control-Allow-Origin"], "*")
+
+    def test_configured_origin_varies_by_origin(self):
+        _, _, headers = call(self.closed, "GET", "/healthz")
+        self.assertEqual(headers["Access-Control-Allow-Origin"], "https://app.example.com")
+        self.assertEqual(headers["Vary"], "Origin")
+
+    def test_preflight_on_any_path(self):
+        for path in ("/insert", "/events", "/anything"):
+            with self.subTest(path=path):
+                status, _, headers = call(self.open, "OPTIONS", path)
+                self.assertEqual(status, 204)
+                self.assertEqual(headers["Access-Control-Allow-Methods"], "GET, POST, OPTIONS")
+                self.assertEqual(headers["Access-Control-Allow-Headers"], "Content-Type, Authorization, Last-Event-ID")
+                self.assertEqual(headers["Access-Control-Max-Age"], "3600")
+                self.assertEqual(headers["Access-Control-Allow-Origin"], "*")
+
+
+class RoutingTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls)
+
+    def test_healthz_reports_subscribers_and_last_id(self):
+        record = self.broker.publish(unique_event(self), 1)
+        status, body, _ = call(self.broker, "GET", "/healthz")
+        self.assertEqual(status, 200)
+        self.assertEqual(body, {"status": "ok", "subscribers": 0, "last_id": record["id"]})
+        with EventStream(self.broker) as stream:
+            stream.read_sync()
+            self.assertEqual(call(self.broker, "GET", "/healthz")[1]["subscribers"], 1)
+
+    def test_unknown_path_is_404_json(self):
+        status, body, _ = call(self.broker, "GET", "/nowhere")
+        self.assertEqual((status, body), (404, {"error": "no such endpoint: /nowhere"}))
+
+    def test_wrong_method_is_405_with_allow(self):
+        for method, path, allow in [("GET", "/insert", "POST, OPTIONS"), ("POST", "/events", "GET, OPTIONS"),
+                                    ("DELETE", "/audit/x", "GET, OPTIONS"), ("PUT", "/healthz", "GET, HEAD, OPTIONS")]:
+            with self.subTest(method=method, path=path):
+                status, body, headers = call(self.broker, method, path)
+                self.assertEqual(status, 405)
+                self.assertEqual(headers["Allow"], allow)
+                self.assertIn(f"{method} is not allowed", body["error"])
+
+    def test_garbled_request_line_is_400_json(self):
+        response = raw(self.broker, b"NONSENSE\r\n\r\n")
+        self.assertTrue(response.startswith(b"HTTP/1.1 400 "), response)
+        self.assertIn("error", body_of(response))
+
+    def test_server_keeps_serving_after_garbage(self):
+        for junk in (b"\x00\x01\x02\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET " + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+            with self.subTest(junk=junk[:20]):
+                self.assertGreaterEqual(status_of(raw(self.broker, junk)), 400)
+        self.assertEqual(call(self.broker, "GET", "/healthz")[0], 200)
+
+
+class StaticTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        folder = tempfile.TemporaryDirectory()
+        cls.addClassCleanup(folder.cleanup)
+        cls.root = os.path.join(folder.name, "site")
+        os.makedirs(os.path.join(cls.root, "sub"))
+        with open(os.path.join(cls.root, "index.html"), "w") as file:
+            file.write("<h1>home</h1>")
+        with open(os.path.join(cls.root, "sub", "page.js"), "w") as file:
+            file.write("let x = 1;")
+        with open(os.path.join(folder.name, "secret.txt"), "w") as file:
+            file.write("TOP-SECRET")
+        os.symlink(os.path.join(folder.name, "secret.txt"), os.path.join(cls.root, "link.txt"))
+        cls.broker = start_broker(cls, static=cls.root)
+
+    def fetch(self, path, method="GET"):
+        connection = http.client.HTTPConnection(*address(self.broker), timeout=TIMEOUT)
+        try:
+            connection.request(method, path)
+            response = connection.getresponse()
+            return response.status, response.getheader("Content-Type"), response.read()
+        finally:
+            connection.close()
+
+    def test_serves_files_and_index(self):
+        self.assertEqual(self.fetch("/"), (200, "text/html", b"<h1>home</h1>"))
+        status, content_type, body = self.fetch("/sub/page.js")
+        self.assertEqual((status, body), (200, b"let x = 1;"))
+        self.assertIn("javascript", content_type)
+
+    def test_head_sends_no_body(self):
+        self.assertEqual(self.fetch("/index.html", "HEAD"), (200, "text/html", b""))
+
+    def test_api_routes_still_win(self):
+        self.assertEqual(self.fetch("/healthz")[0], 200)
+
+    def test_never_serves_outside_the_folder(self):
+        for path in ("/../secret.txt", "/sub/../../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt",
+                     "/link.txt", "/missing.html", "/%00"):
+            with self.subTest(path=path):
+                response = raw(self.broker, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                self.assertEqual(status_of(response), 404)
+                self.assertNotIn(b"TOP-SECRET", response)
+
+
+class PersistenceTests(unittest.TestCase):
+    def test_restart_on_the_same_file_keeps_everything(self):
+        db = temp_db(type(self))
+        with Broker(db=db, port=0, quiet=True) as first:
+            a = first.publish("a", 1)
+            b = first.publish("b", {"x": 2})
+            a2 = first.publish("a", 3)
+        with Broker(db=db, port=0, quiet=True) as second:
+            self.assertEqual(second.latest(), {"a": 3, "b": {"x": 2}})
+            self.assertEqual(list(second.audit("a").values()), [1, 3])
+            with EventStream(second) as stream:
+                records, cursor = stream.read_sync()
+            self.assertEqual([r["id"] for r in records], [b["id"], a2["id"]])
+            self.assertEqual(cursor, a2["id"])
+            after = second.publish("a", 4)
+            self.assertGreater(after["id"], a2["id"])
+            self.assertGreater(after["timestamp"], a2["timestamp"])
+        self.assertLess(a["id"], b["id"])
+
+
+class EmbeddingTests(unittest.TestCase):
+    def test_context_manager_publish_latest_audit(self):
+        with Broker(db=":memory:", port=0, quiet=True) as embedded:
+            self.assertRegex(embedded.url, r"^http://127\.0\.0\.1:\d+$")
+            self.assertNotEqual(embedded.url.rsplit(":", 1)[1], "0")
+            record = embedded.publish("user", {"name": "Ada"})
+            self.assertEqual((record["id"], record["event"], record["data"]), (1, "user", {"name": "Ada"}))
+            self.assertEqual(embedded.latest(), {"user": {"name": "Ada"}})
+            status, body, _ = call(embedded, "GET", "/audit/user")
+            self.assertEqual(embedded.audit("user"), body)
+            self.assertEqual(status, 200)
+        with self.assertRaises(OSError):
+            call(embedded, "GET", "/healthz")
+
+    def test_two_brokers_are_independent(self):
+        with Broker(db=":memory:", port=0, quiet=True) as one, Broker(db=":memory:", port=0, quiet=True) as two:
+            one.publish("only-one", 1)
+            self.assertNotEqual(one.url, two.url)
+            self.assertEqual(two.latest(), {})
+            self.assertEqual(call(two, "GET", "/healthz")[1]["last_id"], 0)
+
+    def test_publish_raises_value_error_with_the_http_message(self):
+        with Broker(db=":memory:", port=0, quiet=True) as embedded:
+            for event, data in [("", 1), ("ok", float("nan")), (7, 1), ("ok", {1, 2}), ("a\nb", 1)]:
+                with self.subTest(event=event, data=data):
+                    with self.assertRaises(ValueError) as raised:
+                        embedded.publish(event, data)
+                    if not isinstance(data, set):
+                        status, body, _ = insert(embedded, json.dumps({"event": event, "data": data}).encode())
+                        self.assertEqual((status, body["error"]), (400, str(raised.exception)))
+            self.assertEqual(embedded.latest(), {})
+
+    def test_stop_is_idempotent_and_start_returns_self(self):
+        embedded = Broker(db=":memory:", port=0, quiet=True)
+        self.assertIs(embedded.start(), embedded)
+        embedded.stop()
+        embedded.stop()
+
+    def test_stop_ends_open_streams(self):
+        embedded = Broker(db=":memory:", port=0, quiet=True).start()
+        stream = EventStream(embedded)
+        self.addCleanup(stream.close)
+        stream.read_sync()
+        embedded.stop()
+        with self.assertRaises(EOFError):
+            stream.read_block()
+
+    def test_unknown_option_is_a_type_error(self):
+        with self.assertRaises(TypeError):
+            Broker(colour="blue")
+
+    def test_bad_option_value_is_a_value_error(self):
+        with self.assertRaises(ValueError):
+            Broker(port=70000)
+
+
+class ClientTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls)
+
+    def test_publish_to_returns_the_record(self):
+        name = unique_event(self)
+        record = broker.publish_to(self.broker.url, name, {"n": 1})
+        self.assertEqual((record["event"], record["data"]), (name, {"n": 1}))
+        self.assertEqual(self.broker.latest()[name], {"n": 1})
+
+    def test_publish_to_raises_the_server_message(self):
+        with self.assertRaises(broker.RequestError) as raised:
+            broker.publish_to(self.broker.url, "", 1)
+        self.assertEqual((raised.exception.status, raised.exception.message), (400, '"event" must not be empty'))
+
+    def test_subscribe_yields_sync_then_live(self):
+        name = unique_event(self)
+        first = self.broker.publish(name, 1)
+        records = self.broker.subscribe(events=[name], timeout=TIMEOUT)
+        self.addCleanup(records.close)
+        self.assertEqual(next(records), {"id": first["id"], "event": name, "data": 1})
+        second = self.broker.publish(name, 2)
+        self.assertEqual(next(records), {"id": second["id"], "event": name, "data": 2})
+
+    def test_subscribe_times_out_when_nothing_comes(self):
+        records = broker.subscribe(self.broker.url, events=[unique_event(self)], timeout=0.3)
+        self.addCleanup(records.close)
+        with self.assertRaises(TimeoutError):
+            next(records)
+
+    def test_subscribe_resumes_after_the_server_restarts(self):
+        db = temp_db(type(self))
+        first = Broker(db=db, port=0, quiet=True).start()
+        port = address(first)[1]
+        first.publish("a", 1)
+        records = broker.subscribe(first.url, timeout=TIMEOUT)
+        self.addCleanup(records.close)
+        self.assertEqual(next(records)["data"], 1)
+        first.publish("a", 2)
+        self.assertEqual(next(records)["data"], 2)
+        first.stop()
+        with Broker(db=db, port=port, quiet=True) as second:
+            second.publish("a", 3)
+            second.publish("b", 4)
+            self.assertEqual([next(records)["data"], next(records)["data"]], [3, 4])
+
+    def test_parser_follows_the_event_stream_rules(self):
+        parser = broker.EventStreamParser()
+        stream = (b": comment\r\nretry: 1500\r\nid: 7\r\nevent: note\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\n"
+                  b"data:no-space\rdata:  two spaces\r\rid: 9\n\nevent: x\ndata: \xc3\xa9\n\n")
+        records = []
+        for n in range(len(stream)):        # byte by byte: every split point, CR LF halves included
+            records += parser.feed(stream[n:n + 1])
+        self.assertEqual(records, [
+            {"id": 7, "event": "note", "data": {"a": 1}},
+            {"id": 7, "event": "message", "data": "no-space\n two spaces"},
+            {"id": 9, "event": "x", "data": "é"},
+        ])
+        self.assertEqual((parser.retry, parser.last_event_id), (1.5, "9"))
+
+
+class CommandLineTests(unittest.TestCase):
+    def run_broker(self, *args, env=None):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "broker.py"), *args],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=folder.name,
+                                   env={**os.environ, **(env or {})})
+        self.addCleanup(process.kill)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(process.stderr.close)
+        return process, folder.name
+
+    def test_prints_its_url_and_exits_0_on_sigterm_with_a_stream_open(self):
+        process, folder = self.run_broker("--port", "0")
+        line = process.stdout.readline().decode()
+        self.assertRegex(line, r"^broker listening on http://127\.0\.0\.1:\d+ \(db \./tmp/broker\.db\)\n$")
+        url = line.split()[3]
+        self.assertTrue(os.path.exists(os.path.join(folder, "tmp", "broker.db")))
+        status, record = self.insert_via(url)
+        self.assertEqual(status, 200)
+        stream = socket.create_connection(urllib.parse.urlsplit(url)[1].split(":"), timeout=TIMEOUT)
+        self.addCleanup(stream.close)
+        stream.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"200 OK", stream.recv(65536))
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=5), 0)
+        self.assertLess(time.monotonic() - started, 2.5)
+
+    def insert_via(self, url):
+        parts = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
+        try:
+            connection.request("POST", "/insert", json.dumps({"event": "cli", "data": 1}),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    def test_environment_sets_options_and_flags_win(self):
+        process, folder = self.run_broker("--db", "flag.db", env={"BROKER_DB": "env.db", "PORT": "0"})
+        self.assertIn("(db flag.db)", process.stdout.readline().decode())
+        process.send_signal(signal.SIGINT)
+        self.assertEqual(process.wait(timeout=5), 0)
+        self.assertTrue(os.path.exists(os.path.join(folder, "flag.db")))
+        self.assertFalse(os.path.exists(os.path.join(folder, "env.db")))
+
+    def test_help_documents_every_flag(self):
+        output = subprocess.run([sys.executable, os.path.join(HERE, "broker.py"), "--help"],
+                                capture_output=True, text=True, timeout=TIMEOUT).stdout
+        for name, env, *_ in broker.OPTIONS:
+            self.assertIn("--" + name.replace("_", "-"), output)
+            if env:
+                self.assertIn(env, output)
+
+    def test_bad_values_are_one_line_errors_with_exit_2(self):
+        a_file = os.path.join(HERE, "broker.py")
+        for args, env, complaint in [
+            (["--port", "70000"], {}, "--port"),
+            (["--port", "http"], {}, "--port"),
+            (["--heartbeat", "-1"], {}, "--heartbeat"),
+            (["--max-body", "0"], {}, "--max-body"),
+            (["--sync", "sometimes"], {}, "--sync"),
+            (["--db", os.path.join(a_file, "sub", "x.db")], {}, "--db"),
+            (["--static", "/no/such/folder"], {}, "--static"),
+            ([], {"PORT": "eighty"}, "PORT"),
+            (["--no-such-flag"], {}, "unrecognized"),
+        ]:
+            with self.subTest(args=args, env=env):
+                result = subprocess.run([sys.executable, a_file, *args], capture_output=True, text=True,
+                                        timeout=TIMEOUT, env={**os.environ, **env})
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(result.stdout, "")
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(complaint, result.stderr)
+
+    def test_port_in_use_is_an_error(self):
+        with Broker(db=":memory:", port=0, quiet=True) as taken:
+            process, _ = self.run_broker("--port", str(address(taken)[1]))
+            self.assertEqual(process.wait(timeout=5), 1)
+            self.assertIn("Address already in use", process.stderr.read().decode())
+
+
+if __name__ == "__main__":
+    unittest.main()
