@@ -110,6 +110,11 @@ def chunk(payload):
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
+def body_part(payload, chunked):
+    """payload as the next piece of a response body: a chunk, or as is for an HTTP/1.0 client."""
+    return chunk(payload) if chunked and payload else payload
+
+
 def check_event_name(name):
     """Return name if it can be an event name (it goes verbatim into an SSE line), else raise."""
     if not isinstance(name, str):
@@ -409,16 +414,16 @@ class Hub:
 
 class Subscriber:
     """One /events socket owned by the fan-out writer; only the writer's thread touches it."""
-    __slots__ = ("sock", "fd", "events", "cursor", "backlog", "owed", "last_write")
+    __slots__ = ("sock", "fd", "events", "chunked", "cursor", "backlog", "owed", "last_write")
 
-    def __init__(self, sock, events, cursor):
-        self.sock, self.fd, self.events, self.cursor = sock, sock.fileno(), events, cursor
+    def __init__(self, sock, events, chunked, cursor):
+        self.sock, self.fd, self.events, self.chunked, self.cursor = sock, sock.fileno(), events, chunked, cursor
         self.backlog = collections.deque()    # bytes not yet accepted by the socket
         self.owed = 0
         self.last_write = time.monotonic()
 
 
-KEEP_ALIVE = chunk(b": keep-alive\n\n")
+KEEP_ALIVE = b": keep-alive\n\n"
 END_OF_STREAM = b"0\r\n\r\n"
 
 
@@ -462,7 +467,7 @@ class Fanout:
         with self._count_lock:
             self._streams -= 1
 
-    def join_stream(self, sock, events, cursor):
+    def join_stream(self, sock, events, chunked, cursor):
         """Hand sock over once the ring holds every record after cursor; else return False."""
         with self.hub.changed:
             if self.hub.closed or not self.hub.covers(cursor):
@@ -470,7 +475,7 @@ class Fanout:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._owned.add(sock)
-            self._joining.append(Subscriber(sock, events, cursor))
+            self._joining.append(Subscriber(sock, events, chunked, cursor))
             self.hub.changed.notify_all()
             return True
 
@@ -508,18 +513,19 @@ class Fanout:
         return max(0.0, min(next_heartbeat - time.monotonic(), 0.5))
 
     def _broadcast(self, frames, now):
-        chunks = {}       # one encoded chunk per distinct ?event= filter in this batch
+        payloads = {}     # encoded once per distinct (?event= filter, chunked) in this batch
         for sub in list(self._subs.values()):
-            payload = chunks.get(sub.events)
+            key = (sub.events, sub.chunked)
+            payload = payloads.get(key)
             if payload is None:
-                payload = chunks[sub.events] = self._encode(frames, sub.events)
+                payload = payloads[key] = self._encode(frames, sub)
             if payload:
                 self._send(sub, payload, now)
 
     @staticmethod
-    def _encode(frames, events):
-        data = b"".join(f.data for f in frames if events is None or f.event in events)
-        return chunk(data) if data else b""
+    def _encode(frames, sub):
+        events = sub.events
+        return body_part(b"".join(f.data for f in frames if events is None or f.event in events), sub.chunked)
 
     def _add(self, sub, frames, now):
         if frames is None:     # it fell out of the ring before the writer got to it: let it resume
@@ -527,7 +533,7 @@ class Fanout:
             return
         self._subs[sub.fd] = sub
         self._selector.register(sub.sock, selectors.EVENT_READ, sub)
-        payload = self._encode(frames, sub.events)
+        payload = self._encode(frames, sub)
         if payload:
             self._send(sub, payload, now)
 
@@ -592,7 +598,7 @@ class Fanout:
     def _send_heartbeats(self, now):
         for sub in list(self._subs.values()):
             if now - sub.last_write >= self.heartbeat:
-                self._send(sub, KEEP_ALIVE, now)
+                self._send(sub, body_part(KEEP_ALIVE, sub.chunked), now)
 
     def _drop(self, sub):
         if self._subs.get(sub.fd) is sub:
@@ -607,7 +613,7 @@ class Fanout:
 
     def _close_all(self):
         for sub in list(self._subs.values()):
-            if not sub.backlog:
+            if sub.chunked and not sub.backlog:
                 try:
                     sub.sock.send(END_OF_STREAM)
                 except OSError:
@@ -667,7 +673,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def _dispatch(self):
-        self._body_read = False
+        self._body_read = self._headers_sent = False
         try:
             self._route()()
         except RequestError as error:
@@ -689,9 +695,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return not self._body_read and (length != "0" or "Transfer-Encoding" in self.headers)
 
     def _route(self):
-        self.url = urllib.parse.urlsplit(self.path)
+        try:
+            self.url = urllib.parse.urlsplit(self.path)
+        except ValueError:
+            raise RequestError(400, "the request target is not a valid URL") from None
         self.query = urllib.parse.parse_qs(self.url.query, keep_blank_values=True)
-        self._headers_sent = False
         methods = self.ROUTES.get(self.url.path)
         if methods is None and self.url.path.startswith("/audit/"):
             methods = {"GET": "get_audit"}
@@ -740,10 +748,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._start_stream()
             cursor = self._sync(broker, events)
             while not handed_over:
-                handed_over = broker.fanout.join_stream(self.request, events, cursor)
+                handed_over = broker.fanout.join_stream(self.request, events, self._chunked, cursor)
                 if not handed_over:
                     if broker.hub.closed:
-                        self.wfile.write(END_OF_STREAM)
+                        self._end_body()
                         break
                     cursor = self._catch_up(broker, events, cursor)
         finally:
@@ -770,13 +778,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return resume if resume <= newest else None     # a larger id: the database was replaced
 
     def _start_stream(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("X-Accel-Buffering", "no")
-        self.end_headers()
+        self._start_body("text/event-stream", [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
         self._write_chunk(b"retry: %d\n\n" % RETRY_MS)
+
+    def _start_body(self, content_type, headers=()):
+        """Headers for a body of unknown length: chunked, or ended by closing for HTTP/1.0."""
+        self._chunked = self.request_version != "HTTP/1.0"
+        self.close_connection = self.close_connection or not self._chunked
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        for name, value in headers:
+            self.send_header(name, value)
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+        self.end_headers()
+
+    def _end_body(self):
+        if self._chunked:
+            self.wfile.write(END_OF_STREAM)
 
     def _sync(self, broker, events):
         """Send the sync (or the resume's replay) and the id-only block; return its cursor."""
@@ -811,14 +832,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         since = non_negative_int(self._query_value("since", "0"), "since")
         limit = self._query_value("limit", None)
         limit = None if limit is None else non_negative_int(limit, "limit")
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self._headers_sent = True
-        for part in audit_json(self.server.broker.store, event, since, limit):
+        parts = audit_json(self.server.broker.store, event, since, limit)
+        first = next(parts)          # the database is read before the status line is promised
+        self._start_body("application/json")
+        self._write_chunk(first)
+        for part in parts:
             self._write_chunk(part)
-        self.wfile.write(END_OF_STREAM)
+        self._end_body()
 
     def _path_event(self):
         try:
@@ -838,6 +858,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def get_static(self):
         path = static_file(self.server.broker.static, self.url.path)
         content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
+            content_type += "; charset=utf-8"
         with open(path, "rb") as file:
             self._send_bytes(200, file.read(), content_type)
 
@@ -874,7 +896,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _write_chunk(self, payload):
         if payload:
-            self.wfile.write(chunk(payload))
+            self.wfile.write(body_part(payload, self._chunked))
+
+    def log_error(self, format, *args):
+        if not format.startswith("Request timed out"):    # an idle keep-alive connection: normal
+            super().log_error(format, *args)
 
     def log_message(self, format, *args):
         if not self.server.broker.quiet:

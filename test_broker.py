@@ -501,6 +501,23 @@ class EventsTests(unittest.TestCase):
         published = [self.broker.publish(name, [n, big])["id"] for n in range(60)]   # 6 MB: far past any buffer
         self.assertEqual([reader.read_message()["id"] for _ in published], published)
 
+    def test_http_1_0_client_gets_an_unchunked_stream(self):
+        name = unique_event(self)
+        self.broker.publish(name, 1)
+        with socket.create_connection(address(self.broker), timeout=TIMEOUT) as sock:
+            sock.sendall(f"GET /events?event={name} HTTP/1.0\r\n\r\n".encode())
+            received = b""
+            while not received.endswith(b"\n\nid: %d\n\n" % self.broker.hub.newest):
+                received += sock.recv(65536)
+            live = self.broker.publish(name, 2)
+            while not received.endswith(b"\n\n") or b"data: 2" not in received:
+                received += sock.recv(65536)
+        head, body = received.split(b"\r\n\r\n", 1)
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertIn(b"Connection: close", head)
+        self.assertTrue(body.startswith(b"retry: 3000\n\nid: "), body)
+        self.assertTrue(body.endswith(b"id: %d\nevent: %s\ndata: 2\n\n" % (live["id"], name.encode())))
+
     def test_disconnected_subscriber_is_released(self):
         own = start_broker(type(self))      # other tests' streams would move the count
         stream = EventStream(own)
@@ -642,6 +659,10 @@ class RoutingTests(unittest.TestCase):
         self.assertTrue(response.startswith(b"HTTP/1.1 400 "), response)
         self.assertIn("error", body_of(response))
 
+    def test_unparsable_target_is_400(self):
+        response = raw(self.broker, b"GET http://[x/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertEqual((status_of(response), body_of(response)), (400, {"error": "the request target is not a valid URL"}))
+
     def test_server_keeps_serving_after_garbage(self):
         for junk in (b"\x00\x01\x02\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET " + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
             with self.subTest(junk=junk[:20]):
@@ -675,13 +696,13 @@ class StaticTests(unittest.TestCase):
             connection.close()
 
     def test_serves_files_and_index(self):
-        self.assertEqual(self.fetch("/"), (200, "text/html", b"<h1>home</h1>"))
+        self.assertEqual(self.fetch("/"), (200, "text/html; charset=utf-8", b"<h1>home</h1>"))
         status, content_type, body = self.fetch("/sub/page.js")
         self.assertEqual((status, body), (200, b"let x = 1;"))
         self.assertIn("javascript", content_type)
 
     def test_head_sends_no_body(self):
-        self.assertEqual(self.fetch("/index.html", "HEAD"), (200, "text/html", b""))
+        self.assertEqual(self.fetch("/index.html", "HEAD"), (200, "text/html; charset=utf-8", b""))
 
     def test_api_routes_still_win(self):
         self.assertEqual(self.fetch("/healthz")[0], 200)
