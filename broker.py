@@ -75,7 +75,8 @@ OPTIONS = [
 
 RETRY_MS = 3000            # the reconnect delay a browser is told to use
 PAGE_ROWS = 500            # rows per query, so the database lock is never held across a socket write
-RING_RECORDS = 8192        # recent frames kept in memory for streams joining the fan-out
+RING_RECORDS = 8192        # recent frames kept in memory for the fan-out writer and joining streams
+RING_BYTES = 16 << 20      # ... and their size at most (a record may be up to --max-body)
 MAX_BACKLOG = 8 << 20      # bytes a slow subscriber may owe before it is cut off (it resumes by id)
 MAX_FILTERS = 100          # ?event= values per stream (SQLite binds each one)
 MAX_EVENT_NAME = 255
@@ -342,15 +343,18 @@ class Store:
             sql += f" AND {table}.event IN ({','.join('?' * len(events))})"
             params += tuple(events)
         sql += f" ORDER BY {table}.id LIMIT {PAGE_ROWS}"
-        with self._lock:
-            return [Record(*row) for row in self._db.execute(sql, params)]
+        return [Record(*row) for row in self._rows(sql, params)]
 
     def audit(self, event, since=0, limit=PAGE_ROWS):
         """(timestamp, data) of event's versions after since, oldest first; at most limit rows."""
+        return self._rows("SELECT timestamp, data FROM records WHERE event = ? AND timestamp > ?"
+                          " ORDER BY timestamp LIMIT ?", (event, since, limit))
+
+    def _rows(self, sql, params):
         with self._lock:
-            return self._db.execute(
-                "SELECT timestamp, data FROM records WHERE event = ? AND timestamp > ? ORDER BY timestamp LIMIT ?",
-                (event, since, limit)).fetchall()
+            if self._closed:
+                raise StoreError("the broker is shutting down")
+            return self._db.execute(sql, params).fetchall()
 
     def _newest_timestamp(self):
         return self._query_one("SELECT timestamp FROM records ORDER BY id DESC LIMIT 1") or 0
@@ -377,16 +381,20 @@ class Hub:
         self.changed = threading.Condition()
         self.newest = newest_id
         self.closed = False
-        self._ring = collections.deque(maxlen=RING_RECORDS)
+        self._ring = collections.deque()
+        self._ring_bytes = 0
         self._floor = newest_id     # records up to here may be missing from the ring
 
     def publish(self, records):
         frames = [Frame(r.id, r.event, r.to_sse()) for r in records]
         with self.changed:
             for frame in frames:
-                if len(self._ring) == self._ring.maxlen:
-                    self._floor = self._ring[0].id
                 self._ring.append(frame)
+                self._ring_bytes += len(frame.data)
+            while len(self._ring) > RING_RECORDS or self._ring_bytes > RING_BYTES:
+                evicted = self._ring.popleft()
+                self._ring_bytes -= len(evicted.data)
+                self._floor = evicted.id
             self.newest = frames[-1].id
             self.changed.notify_all()
 
@@ -436,8 +444,9 @@ class Fanout:
     belongs to the writer thread.
     """
 
-    def __init__(self, hub, heartbeat):
+    def __init__(self, hub, store, heartbeat):
         self.hub = hub
+        self.store = store
         self.heartbeat = heartbeat
         self._joining = []
         self._owned = set()           # sockets handed over, so the server must not close them
@@ -488,13 +497,16 @@ class Fanout:
                     self.hub.changed.wait(self._wait_time(next_heartbeat))
                 if self.hub.closed:
                     break
-                batch = self.hub.frames_after(sent) or []
-                sent = self.hub.newest
+                newest = self.hub.newest
+                batch = self.hub.frames_after(sent)
                 joining = [(sub, self.hub.frames_after(sub.cursor)) for sub in self._joining]
                 self._joining = []
             now = time.monotonic()
-            if batch:
+            if batch is None:
+                self._broadcast_from_store(sent, newest, now)
+            elif batch:
                 self._broadcast(batch, now)
+            sent = newest
             for sub, frames in joining:
                 self._add(sub, frames, now)
             self._poll(now)
@@ -511,6 +523,15 @@ class Fanout:
         if any(sub.backlog for sub in self._subs.values()):
             return 0.02
         return max(0.0, min(next_heartbeat - time.monotonic(), 0.5))
+
+    def _broadcast_from_store(self, sent, newest, now):
+        # The writer fell so far behind that the ring moved on: the database has every record.
+        while sent < newest:
+            records = self.store.after(sent, newest)
+            if not records:
+                return
+            self._broadcast([Frame(r.id, r.event, r.to_sse()) for r in records], now)
+            sent = records[-1].id
 
     def _broadcast(self, frames, now):
         payloads = {}     # encoded once per distinct (?event= filter, chunked) in this batch
@@ -964,7 +985,7 @@ class Broker:
             raise ValueError(f"static folder not found: {self.static}")
         self.store = Store(self.db, self.sync, on_commit=self._on_commit)
         self.hub = Hub(self.store.newest_id())
-        self.fanout = Fanout(self.hub, self.heartbeat)
+        self.fanout = Fanout(self.hub, self.store, self.heartbeat)
         try:
             self._server = Server((self.host, self.port), self)
         except OSError:

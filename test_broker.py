@@ -479,6 +479,22 @@ class EventsTests(unittest.TestCase):
         published = [self.broker.publish(name, n)["id"] for n in range(200)]
         self.assertEqual([stream.read_message()["id"] for _ in published], published)
 
+    def test_no_gap_when_the_writer_falls_behind_the_ring(self):
+        name = unique_event(self)
+        stream = self.subscribe(f"/events?event={name}")
+        stream.read_sync()
+        ring = broker.RING_RECORDS
+        broker.RING_RECORDS = 2       # every batch larger than this is read back from the database
+        self.addCleanup(setattr, broker, "RING_RECORDS", ring)
+        published = []
+        threads = [threading.Thread(target=lambda: published.extend(
+            self.broker.publish(name, n)["id"] for n in range(50))) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual([stream.read_message()["id"] for _ in published], sorted(published))
+
     def test_heartbeat_after_silence(self):
         quick = Broker(db=":memory:", port=0, quiet=True, heartbeat=0.2).start()
         self.addCleanup(quick.stop)
