@@ -21,6 +21,7 @@ from broker import Broker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 5          # seconds any single read may wait before a test fails
+NOT_A_DATABASE = b"These are my notes, not an SQLite file.\n" * 200
 _names = itertools.count()
 
 
@@ -675,6 +676,14 @@ class RoutingTests(unittest.TestCase):
         self.assertTrue(response.startswith(b"HTTP/1.1 400 "), response)
         self.assertIn("error", body_of(response))
 
+    def test_oversized_header_and_too_many_headers_are_431(self):
+        long_line = b"GET /healthz HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n"
+        many = b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(120)) + b"\r\n"
+        for request in (long_line, many):
+            response = raw(self.broker, request)
+            self.assertEqual(status_of(response), 431)
+            self.assertIn("error", body_of(response))
+
     def test_unparsable_target_is_400(self):
         response = raw(self.broker, b"GET http://[x/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         self.assertEqual((status_of(response), body_of(response)), (400, {"error": "the request target is not a valid URL"}))
@@ -874,6 +883,8 @@ class CommandLineTests(unittest.TestCase):
     def run_broker(self, *args, env=None):
         folder = tempfile.TemporaryDirectory()
         self.addCleanup(folder.cleanup)
+        with open(os.path.join(folder.name, "notes.txt"), "wb") as file:
+            file.write(NOT_A_DATABASE)
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "broker.py"), *args],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=folder.name,
                                    env={**os.environ, **(env or {})})
@@ -946,6 +957,13 @@ class CommandLineTests(unittest.TestCase):
                 self.assertEqual(result.stdout, "")
                 self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
                 self.assertIn(complaint, result.stderr)
+
+    def test_a_file_that_is_not_a_database_is_refused_untouched(self):
+        process, folder = self.run_broker("--port", "0", "--db", "notes.txt")
+        self.assertEqual(process.wait(timeout=5), 1)
+        self.assertIn("not a database", process.stderr.read().decode())
+        with open(os.path.join(folder, "notes.txt"), "rb") as file:
+            self.assertEqual(file.read(), NOT_A_DATABASE)
 
     def test_port_in_use_is_an_error(self):
         with Broker(db=":memory:", port=0, quiet=True) as taken:

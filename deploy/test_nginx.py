@@ -401,8 +401,12 @@ class ServerBlockTests(unittest.TestCase):
         self.assertGreater(self.setting("proxy_read_timeout"), DEFAULT_HEARTBEAT)
 
     def test_idle_upstream_connections_close_before_the_broker_times_them_out(self):
-        # Else the broker logs "Request timed out" for each, and a POST may meet a closing one.
+        # Else a POST may meet a connection the broker is closing.
         self.assertLess(self.setting("keepalive_timeout"), DEFAULT_REQUEST_TIMEOUT)
+
+    def test_readme_shows_exactly_this_block(self):
+        readme = (HERE.parent / "README.md").read_text()
+        self.assertIn("```nginx\n" + SERVER_BLOCK.read_text().rstrip("\n") + "\n```", readme)
 
 
 if __name__ == "__main__":
