@@ -451,6 +451,7 @@ class Fanout:
         self._joining = []
         self._owned = set()           # sockets handed over, so the server must not close them
         self._subs = {}               # fd -> Subscriber
+        self._behind = set()          # Subscribers with a backlog, waiting for their socket
         self._selector = selectors.DefaultSelector()
         self._count_lock = threading.Lock()
         self._streams = 0             # open /events streams, syncing or live
@@ -520,7 +521,7 @@ class Fanout:
 
     def _wait_time(self, next_heartbeat):
         # Sockets are polled between waits: often while a backlog drains, else for hang-ups.
-        if any(sub.backlog for sub in self._subs.values()):
+        if self._behind:
             return 0.02
         return max(0.0, min(next_heartbeat - time.monotonic(), 0.5))
 
@@ -572,6 +573,7 @@ class Fanout:
         sub.last_write = now
         if written < len(payload):
             self._selector.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
+            self._behind.add(sub)
             self._queue_backlog(sub, memoryview(payload)[written:])
 
     def _queue_backlog(self, sub, payload):
@@ -614,6 +616,7 @@ class Fanout:
                 sub.backlog[0] = memoryview(payload)[written:]
                 return
             sub.backlog.popleft()
+        self._behind.discard(sub)
         self._selector.modify(sub.sock, selectors.EVENT_READ, sub)
 
     def _send_heartbeats(self, now):
@@ -624,6 +627,7 @@ class Fanout:
     def _drop(self, sub):
         if self._subs.get(sub.fd) is sub:
             del self._subs[sub.fd]
+            self._behind.discard(sub)
             self._selector.unregister(sub.sock)
             self._drop_socket(sub.sock)
 
