@@ -1253,9 +1253,9 @@ def main(argv=None):
     except (OSError, ValueError, sqlite3.Error) as error:
         print(f"broker.py: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1
-    print(f"broker listening on {broker.url} (db {broker.db})", flush=True)
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM):     # before the line: a reader may signal at once
         signal.signal(signum, lambda *_: threading.Thread(target=broker.stop).start())
+    print(f"broker listening on {broker.url} (db {broker.db})", flush=True)
     broker.serve_forever()
     return 0
 
