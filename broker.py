@@ -70,14 +70,16 @@ OPTIONS = [
     ("static",          "BROKER_STATIC",          None,              str,                        "also serve this folder's files at / (GET/HEAD)"),
     ("sync",            "BROKER_SYNC",            "full",            sync_mode,                  "full: an insert survives power loss; normal: only a crash"),
     ("request_timeout", "BROKER_REQUEST_TIMEOUT", 10.0,              positive_number(float),     "seconds a client may take to send a request"),
+    ("write_timeout",   "BROKER_WRITE_TIMEOUT",   30.0,              positive_number(float),     "seconds a subscriber may read nothing before it is dropped"),
+    ("max_clients",     "BROKER_MAX_CLIENTS",     None,              positive_number(int),       "most open /events streams (default: what the open-file limit allows)"),
     ("quiet",           None,                     False,             bool,                       "no access log"),
 ]
 
 RETRY_MS = 3000            # the reconnect delay a browser is told to use
+FULL_RETRY_MS = 5000       # ... and when --max-clients streams are open already
 PAGE_ROWS = 500            # rows per query, so the database lock is never held across a socket write
 RING_RECORDS = 8192        # recent frames kept in memory for the fan-out writer and joining streams
 RING_BYTES = 16 << 20      # ... and their size at most (a record may be up to --max-body)
-MAX_BACKLOG = 8 << 20      # bytes a slow subscriber may owe before it is cut off (it resumes by id)
 MAX_FILTERS = 100          # ?event= values per stream (SQLite binds each one)
 MAX_EVENT_NAME = 255
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
@@ -421,14 +423,19 @@ class Hub:
 
 
 class Subscriber:
-    """One /events socket owned by the fan-out writer; only the writer's thread touches it."""
-    __slots__ = ("sock", "fd", "events", "chunked", "cursor", "backlog", "owed", "last_write")
+    """One /events socket owned by the fan-out writer; only the writer's thread touches it.
+
+    cursor is the id of the last record handed to the socket (or in pending, the unsent end
+    of the last payload). A subscriber whose socket is full keeps no queue: it is skipped
+    until it can write again, then catches up from its cursor.
+    """
+    __slots__ = ("sock", "fd", "events", "chunked", "cursor", "pending", "last_write", "stuck_since")
 
     def __init__(self, sock, events, chunked, cursor):
         self.sock, self.fd, self.events, self.chunked, self.cursor = sock, sock.fileno(), events, chunked, cursor
-        self.backlog = collections.deque()    # bytes not yet accepted by the socket
-        self.owed = 0
+        self.pending = None
         self.last_write = time.monotonic()
+        self.stuck_since = None
 
 
 KEEP_ALIVE = b": keep-alive\n\n"
@@ -444,14 +451,16 @@ class Fanout:
     belongs to the writer thread.
     """
 
-    def __init__(self, hub, store, heartbeat):
+    def __init__(self, hub, store, heartbeat, write_timeout):
         self.hub = hub
         self.store = store
         self.heartbeat = heartbeat
+        self.write_timeout = write_timeout
         self._joining = []
         self._owned = set()           # sockets handed over, so the server must not close them
         self._subs = {}               # fd -> Subscriber
-        self._behind = set()          # Subscribers with a backlog, waiting for their socket
+        self._behind = set()          # Subscribers waiting for their socket to take more
+        self._sent = hub.newest       # every record up to here went to every subscriber not behind
         self._selector = selectors.DefaultSelector()
         self._count_lock = threading.Lock()
         self._streams = 0             # open /events streams, syncing or live
@@ -469,9 +478,13 @@ class Fanout:
     def owns(self, sock):
         return sock in self._owned
 
-    def stream_opened(self):
+    def open_stream(self, limit):
+        """Count a new stream, unless limit streams are open already; return whether it was."""
         with self._count_lock:
+            if self._streams >= limit:
+                return False
             self._streams += 1
+            return True
 
     def stream_closed(self):
         with self._count_lock:
@@ -490,57 +503,62 @@ class Fanout:
             return True
 
     def _run(self):
-        sent = self.hub.newest
-        next_heartbeat = time.monotonic() + self._heartbeat_check_interval()
+        next_check = time.monotonic() + self._check_interval()
         while True:
             with self.hub.changed:
-                if self.hub.newest <= sent and not self._joining and not self.hub.closed:
-                    self.hub.changed.wait(self._wait_time(next_heartbeat))
+                if self.hub.newest <= self._sent and not self._joining and not self.hub.closed:
+                    self.hub.changed.wait(self._wait_time(next_check))
                 if self.hub.closed:
                     break
                 newest = self.hub.newest
-                batch = self.hub.frames_after(sent)
-                joining = [(sub, self.hub.frames_after(sub.cursor)) for sub in self._joining]
-                self._joining = []
+                batch = self.hub.frames_after(self._sent)
+                joining, self._joining = self._joining, []
             now = time.monotonic()
             if batch is None:
-                self._broadcast_from_store(sent, newest, now)
+                self._broadcast_from_store(newest, now)
             elif batch:
                 self._broadcast(batch, now)
-            sent = newest
-            for sub, frames in joining:
-                self._add(sub, frames, now)
+            self._sent = newest
+            for sub in joining:
+                self._add(sub, now)
             self._poll(now)
-            if now >= next_heartbeat:
-                self._send_heartbeats(now)
-                next_heartbeat = now + self._heartbeat_check_interval()
+            if now >= next_check:
+                self._check_idle_and_stuck(now)
+                next_check = now + self._check_interval()
         self._close_all()
 
-    def _heartbeat_check_interval(self):
-        return min(self.heartbeat / 4, 1.0)
+    def _check_interval(self):
+        return min(self.heartbeat / 4, self.write_timeout / 4, 1.0)
 
-    def _wait_time(self, next_heartbeat):
-        # Sockets are polled between waits: often while a backlog drains, else for hang-ups.
+    def _wait_time(self, next_check):
+        # Sockets are polled between waits: often while some stream is behind, else for hang-ups.
         if self._behind:
             return 0.02
-        return max(0.0, min(next_heartbeat - time.monotonic(), 0.5))
+        return max(0.0, min(next_check - time.monotonic(), 0.5))
 
-    def _broadcast_from_store(self, sent, newest, now):
+    def _broadcast_from_store(self, newest, now):
         # The writer fell so far behind that the ring moved on: the database has every record.
-        while sent < newest:
-            records = self.store.after(sent, newest)
-            if not records:
+        while self._sent < newest:
+            frames = self._stored_frames(self._sent, newest)
+            if not frames:
                 return
-            self._broadcast([Frame(r.id, r.event, r.to_sse()) for r in records], now)
-            sent = records[-1].id
+            self._broadcast(frames, now)
+            self._sent = frames[-1].id
+
+    def _stored_frames(self, after_id, upto_id):
+        return [Frame(r.id, r.event, r.to_sse()) for r in self.store.after(after_id, upto_id)]
 
     def _broadcast(self, frames, now):
         payloads = {}     # encoded once per distinct (?event= filter, chunked) in this batch
+        last_id = frames[-1].id
         for sub in list(self._subs.values()):
+            if sub in self._behind:
+                continue      # it catches up from its cursor when its socket can take more
             key = (sub.events, sub.chunked)
             payload = payloads.get(key)
             if payload is None:
                 payload = payloads[key] = self._encode(frames, sub)
+            sub.cursor = last_id
             if payload:
                 self._send(sub, payload, now)
 
@@ -549,20 +567,14 @@ class Fanout:
         events = sub.events
         return body_part(b"".join(f.data for f in frames if events is None or f.event in events), sub.chunked)
 
-    def _add(self, sub, frames, now):
-        if frames is None:     # it fell out of the ring before the writer got to it: let it resume
-            self._drop_socket(sub.sock)
-            return
+    def _add(self, sub, now):
         self._subs[sub.fd] = sub
         self._selector.register(sub.sock, selectors.EVENT_READ, sub)
-        payload = self._encode(frames, sub)
-        if payload:
-            self._send(sub, payload, now)
+        self._fall_behind(sub, now)      # its cursor may be before self._sent: catch up first
+        self._catch_up(sub, now)
 
     def _send(self, sub, payload, now):
-        if sub.backlog:
-            self._queue_backlog(sub, payload)
-            return
+        """Write payload, or as much as the socket takes; keep the rest as sub.pending."""
         try:
             written = sub.sock.send(payload)
         except BlockingIOError:
@@ -570,17 +582,51 @@ class Fanout:
         except OSError:
             self._drop(sub)
             return
-        sub.last_write = now
+        if written:
+            sub.last_write = now
+            sub.stuck_since = None
         if written < len(payload):
-            self._selector.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
-            self._behind.add(sub)
-            self._queue_backlog(sub, memoryview(payload)[written:])
+            sub.pending = memoryview(payload)[written:]
+            if sub.stuck_since is None:
+                sub.stuck_since = now
+            self._fall_behind(sub, now)
 
-    def _queue_backlog(self, sub, payload):
-        sub.backlog.append(payload)
-        sub.owed += len(payload)
-        if sub.owed > MAX_BACKLOG:
-            self._drop(sub)        # a reader this far behind resumes from the database by id
+    def _fall_behind(self, sub, now):
+        if sub not in self._behind:
+            self._behind.add(sub)
+            self._selector.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
+
+    def _catch_up(self, sub, now):
+        """Send what sub missed while its socket was full, until it is level or full again."""
+        while self._subs.get(sub.fd) is sub:
+            if sub.pending is not None:
+                pending, sub.pending = sub.pending, None
+                self._send(sub, pending, now)
+                if sub.pending is not None:
+                    return    # still full: wait until it can take more
+                continue
+            if sub.cursor >= self._sent:
+                self._behind.discard(sub)
+                self._selector.modify(sub.sock, selectors.EVENT_READ, sub)
+                return
+            frames = self._frames_after(sub.cursor)
+            if not frames:
+                sub.cursor = self._sent
+                continue
+            sub.cursor = frames[-1].id
+            payload = self._encode(frames, sub)
+            if payload:
+                self._send(sub, payload, now)
+            if sub.pending is not None:
+                return        # the socket is full again: wait until it can take more
+
+    def _frames_after(self, cursor):
+        """Frames in (cursor, self._sent]: from the ring, or from the database if it moved on."""
+        with self.hub.changed:
+            frames = self.hub.frames_after(cursor)
+        if frames is None:
+            return self._stored_frames(cursor, self._sent)
+        return [f for f in frames if f.id <= self._sent]
 
     def _poll(self, now):
         for key, mask in self._selector.select(0):
@@ -590,7 +636,7 @@ class Fanout:
             if mask & selectors.EVENT_READ and not self._still_connected(sub):
                 self._drop(sub)
             elif mask & selectors.EVENT_WRITE:
-                self._drain(sub, now)
+                self._catch_up(sub, now)
 
     def _still_connected(self, sub):
         try:
@@ -600,28 +646,11 @@ class Fanout:
         except OSError:
             return False
 
-    def _drain(self, sub, now):
-        while sub.backlog:
-            payload = sub.backlog[0]
-            try:
-                written = sub.sock.send(payload)
-            except BlockingIOError:
-                return
-            except OSError:
-                self._drop(sub)
-                return
-            sub.last_write = now
-            sub.owed -= written
-            if written < len(payload):
-                sub.backlog[0] = memoryview(payload)[written:]
-                return
-            sub.backlog.popleft()
-        self._behind.discard(sub)
-        self._selector.modify(sub.sock, selectors.EVENT_READ, sub)
-
-    def _send_heartbeats(self, now):
+    def _check_idle_and_stuck(self, now):
         for sub in list(self._subs.values()):
-            if now - sub.last_write >= self.heartbeat:
+            if sub.stuck_since is not None and now - sub.stuck_since >= self.write_timeout:
+                self._drop(sub)            # it resumes by id if it ever reads again
+            elif sub not in self._behind and now - sub.last_write >= self.heartbeat:
                 self._send(sub, body_part(KEEP_ALIVE, sub.chunked), now)
 
     def _drop(self, sub):
@@ -638,7 +667,7 @@ class Fanout:
 
     def _close_all(self):
         for sub in list(self._subs.values()):
-            if sub.chunked and not sub.backlog:
+            if sub.chunked and sub not in self._behind:
                 try:
                     sub.sock.send(END_OF_STREAM)
                 except OSError:
@@ -651,12 +680,52 @@ class Fanout:
         self._selector.close()
 
 
+class Watchdog:
+    """Cuts connections whose request has not arrived in time, so a client that sends slowly
+    (or nothing) holds its thread no longer than that. self._lock guards self._deadlines."""
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._deadlines = {}          # socket -> time.monotonic() by which its request must be read
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-watchdog", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stopped.set()
+
+    def watch(self, sock):
+        with self._lock:
+            self._deadlines[sock] = time.monotonic() + self.timeout
+
+    def release(self, sock):
+        with self._lock:
+            self._deadlines.pop(sock, None)
+
+    def _run(self):
+        while not self._stopped.wait(min(self.timeout / 4, 1.0)):
+            now = time.monotonic()
+            with self._lock:
+                late = [sock for sock, deadline in self._deadlines.items() if deadline <= now]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)     # its thread's read returns at once
+                except OSError:
+                    pass
+
+
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024        # socketserver's 5 stalls a crowd of connecting subscribers
 
     def __init__(self, address, broker):
         self.broker = broker
+        self.watchdog = Watchdog(broker.request_timeout)
         super().__init__(address, Handler)
 
     def handle_error(self, request, client_address):
@@ -684,6 +753,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.timeout = self.server.broker.request_timeout    # read by StreamRequestHandler.setup
         super().setup()
 
+    def handle_one_request(self):
+        self.server.watchdog.watch(self.request)      # released once the request has been read
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.watchdog.release(self.request)
+
     def do_GET(self):
         self._dispatch()
 
@@ -699,6 +775,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self):
         self._body_read = self._headers_sent = False
+        if self.command != "POST":
+            self.server.watchdog.release(self.request)
         try:
             self._route()()
         except RequestError as error:
@@ -759,6 +837,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise RequestError(413, f"body is larger than {max_body} bytes")
         body = self.rfile.read(length)
         self._body_read = True
+        self.server.watchdog.release(self.request)
         if len(body) < length:
             self.close_connection = True
             raise RequestError(400, "body is shorter than its Content-Length")
@@ -767,7 +846,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def get_events(self):
         events = self._event_filter()
         broker = self.server.broker
-        broker.fanout.stream_opened()
+        if not broker.fanout.open_stream(broker.max_clients):
+            self._refuse_stream(broker.max_clients)
+            return
         handed_over = False
         try:
             self._start_stream()
@@ -783,6 +864,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             if not handed_over:
                 broker.fanout.stream_closed()
+
+    def _refuse_stream(self, limit):
+        if "text/event-stream" not in self.headers.get("Accept", ""):
+            raise RequestError(503, f"too many subscribers (at most {limit}); retry later",
+                               [("Retry-After", str(FULL_RETRY_MS // 1000))])
+        # A 503 would end a browser's EventSource for good; a stream that only says when to
+        # come back makes it reconnect later instead.
+        self.close_connection = True
+        self._start_body("text/event-stream", [("Cache-Control", "no-cache")])
+        self._write_chunk(b"retry: %d\n\n" % FULL_RETRY_MS)
+        self._end_body()
 
     def _event_filter(self):
         names = self.query.get("event")
@@ -989,13 +1081,16 @@ class Broker:
             raise ValueError(f"static folder not found: {self.static}")
         self.store = Store(self.db, self.sync, on_commit=self._on_commit)
         self.hub = Hub(self.store.newest_id())
-        self.fanout = Fanout(self.hub, self.store, self.heartbeat)
+        self.fanout = Fanout(self.hub, self.store, self.heartbeat, self.write_timeout)
+        if self.max_clients is None:
+            self.max_clients = default_max_clients()
         try:
             self._server = Server((self.host, self.port), self)
         except OSError:
             self.store.close()
             raise
         self.fanout.start()
+        self._server.watchdog.start()
         threading.Thread(target=self._server.serve_forever, name="broker-accept", daemon=True).start()
         return self
 
@@ -1010,6 +1105,7 @@ class Broker:
                 return
             self._server.shutdown()
             self._server.server_close()
+            self._server.watchdog.stop()
             self.hub.close()
             self.fanout.join(timeout=5)
             self.store.close()
@@ -1237,11 +1333,24 @@ def named_type(convert):
     return converted
 
 
+def default_max_clients():
+    # Each stream holds a socket; keep descriptors for the database, inserts and audits.
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - max(64, soft // 10))
+
+
 def raise_open_file_limit():
     # Each subscriber is an open socket: allow as many as the hard limit does.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass          # keep the soft limit; --max-clients follows it
 
 
 def main(argv=None):

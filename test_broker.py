@@ -6,6 +6,7 @@ import http.client
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -543,6 +544,65 @@ class EventsTests(unittest.TestCase):
         stream.close()
         wait_until(lambda: subscribers(own) == 0)
         self.assertEqual(own.publish("after", 1)["data"], 1)
+
+
+class LimitTests(unittest.TestCase):
+    """Hostile or careless clients: too many, too slow to send, too slow to read."""
+
+    def test_beyond_max_clients_a_browser_is_told_to_retry_and_others_get_503(self):
+        limited = start_broker(type(self), max_clients=2)
+        streams = [EventStream(limited) for _ in range(2)]
+        for stream in streams:
+            self.addCleanup(stream.close)
+            stream.read_sync()
+        with EventStream(limited, headers={"Accept": "text/event-stream"}) as refused:
+            self.assertEqual(refused.status, 200)
+            self.assertEqual(refused.read_raw_block(), b"retry: 5000")
+            with self.assertRaises(EOFError):
+                refused.read_raw_block()
+        status, body, headers = call(limited, "GET", "/events")
+        self.assertEqual((status, headers["Retry-After"]), (503, "5"))
+        self.assertIn("too many subscribers", body["error"])
+        record = limited.publish("still-served", 1)
+        self.assertEqual(streams[0].read_message()["id"], record["id"])
+        streams[1].close()
+        wait_until(lambda: subscribers(limited) == 1)
+        with EventStream(limited) as again:
+            self.assertEqual(again.read_sync()[0][-1]["id"], record["id"])
+
+    def test_a_client_sending_its_request_slowly_is_dropped(self):
+        patient = start_broker(type(self), request_timeout=0.5)
+        slow = socket.create_connection(address(patient), timeout=TIMEOUT)
+        self.addCleanup(slow.close)
+        started = time.monotonic()
+        for byte in itertools.cycle(b"GET /healthz HTTP/1.1\r\nX-Slow: aaaa"):   # a header that never ends
+            if select.select([slow], [], [], 0.05)[0]:
+                break                                   # the server answered or hung up
+            self.assertLess(time.monotonic() - started, 5, "the slow client is still connected")
+            slow.send(bytes([byte]))                    # a byte at a time beats any per-read timeout
+            self.assertEqual(call(patient, "GET", "/healthz")[0], 200)     # others are served meanwhile
+        self.assertGreater(time.monotonic() - started, 0.4)
+        try:
+            self.assertNotIn(b"200 OK", slow.recv(65536))
+        except ConnectionResetError:
+            pass
+
+    def test_a_subscriber_that_stops_reading_is_dropped_after_the_write_timeout(self):
+        strict = start_broker(type(self), write_timeout=0.5)
+        stalled = socket.create_connection(address(strict))
+        self.addCleanup(stalled.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = EventStream(strict)
+        self.addCleanup(reader.close)
+        reader.read_sync()
+        wait_until(lambda: subscribers(strict) == 2)
+        big = "x" * 100_000
+        published = [strict.publish("big", [n, big])["id"] for n in range(40)]   # 4 MB: past its buffers
+        self.assertEqual([reader.read_message()["id"] for _ in published], published)
+        wait_until(lambda: subscribers(strict) == 1)
+        later = strict.publish("after", 1)
+        self.assertEqual(reader.read_message()["id"], later["id"])
 
 
 class AuditTests(unittest.TestCase):
