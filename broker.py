@@ -14,8 +14,12 @@ Endpoints: POST /insert, GET /events, GET /audit/{event}, GET /healthz. Python 3
 __all__ = ["Broker", "RequestError", "main", "publish_to", "subscribe"]
 
 import argparse
+import base64
 import codecs
 import collections
+import fnmatch
+import hashlib
+import hmac
 import http.client
 import http.server
 import json
@@ -72,6 +76,9 @@ OPTIONS = [
     ("request_timeout", "BROKER_REQUEST_TIMEOUT", 10.0,              positive_number(float),     "seconds a client may take to send a request"),
     ("write_timeout",   "BROKER_WRITE_TIMEOUT",   30.0,              positive_number(float),     "seconds a subscriber may read nothing before it is dropped"),
     ("max_clients",     "BROKER_MAX_CLIENTS",     None,              positive_number(int),       "most open /events streams (default: what the open-file limit allows)"),
+    ("publish_token",   "BROKER_PUBLISH_TOKEN",   None,              str,                        "POST /insert needs Authorization: Bearer <this>"),
+    ("subscribe_token", "BROKER_SUBSCRIBE_TOKEN", None,              str,                        "/events and /audit need it (or ?access_token=)"),
+    ("jwt_secret",      "BROKER_JWT_SECRET",      None,              str,                        "accept HS256 JWTs signed with this; their claims say which events"),
     ("quiet",           None,                     False,             bool,                       "no access log"),
 ]
 
@@ -84,6 +91,9 @@ MAX_FILTERS = 100          # ?event= values per stream (SQLite binds each one)
 MAX_EVENT_NAME = 255
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 LINE_END = re.compile("\r\n|\r|\n")
+TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s\"]*")
+INVALID_TOKEN = 'Bearer error="invalid_token"'
+NOTHING = re.compile("(?!)")       # the regex of a token that allows no event
 
 
 class RequestError(ValueError):
@@ -191,6 +201,70 @@ def non_negative_int(text, name):
     return int(text)
 
 
+def same_secret(given, expected):
+    """Compare in constant time (hashing first hides the length too)."""
+    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
+
+
+def patterns_regex(patterns):
+    """One regex for a list of shell-style patterns (* and ?); an empty list matches nothing."""
+    if not patterns:
+        return NOTHING
+    return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))
+
+
+def b64url_encode(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64url_decode(text):
+    if not re.fullmatch("[A-Za-z0-9_-]*", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def make_jwt(secret, publish=(), subscribe=(), expires_in=None, now=None):
+    """An HS256 JWT whose claims allow publishing and subscribing to these event patterns."""
+    now = time.time() if now is None else now
+    claims = {"iat": int(now), "broker": {"publish": list(publish), "subscribe": list(subscribe)}}
+    if expires_in is not None:
+        claims["exp"] = int(now + expires_in)
+    signing_input = b64url_encode(json_bytes({"alg": "HS256", "typ": "JWT"})) + "." + b64url_encode(json_bytes(claims))
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64url_encode(signature)
+
+
+def verify_jwt(token, secret, now=None):
+    """{"publish": [...], "subscribe": [...]} from a valid HS256 JWT; RequestError 401 otherwise."""
+    def refuse(reason):
+        return RequestError(401, f"the bearer token is not valid: {reason}", [("WWW-Authenticate", INVALID_TOKEN)])
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise refuse("not a JWT")
+    try:
+        header, claims, signature = json.loads(b64url_decode(parts[0])), json.loads(b64url_decode(parts[1])), b64url_decode(parts[2])
+    except ValueError:
+        raise refuse("not a JWT") from None
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        raise refuse("alg must be HS256")
+    expected = hmac.new(secret.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, signature):
+        raise refuse("signature does not match")
+    if not isinstance(claims, dict):
+        raise refuse("claims are not an object")
+    now = time.time() if now is None else now
+    if not isinstance(claims.get("exp", 0), (int, float)) or not isinstance(claims.get("nbf", 0), (int, float)):
+        raise refuse("exp and nbf must be numbers")
+    if "exp" in claims and now >= claims["exp"]:
+        raise refuse("it has expired")
+    if "nbf" in claims and now < claims["nbf"]:
+        raise refuse("it is not valid yet")
+    grants = claims.get("broker", {})
+    grants = grants if isinstance(grants, dict) else {}
+    return {action: [p for p in grants.get(action, []) if isinstance(p, str)]
+            if isinstance(grants.get(action, []), list) else [] for action in ("publish", "subscribe")}
+
+
 class Record(typing.NamedTuple):
     """One stored version of an event; data is its compact JSON text, as stored."""
     id: int
@@ -208,6 +282,19 @@ class Record(typing.NamedTuple):
 
     def to_sse(self):
         return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.event.encode(), self.data.encode())
+
+
+class EventFilter(typing.NamedTuple):
+    """Which events a stream gets: its ?event= names and what its token allows (None: all)."""
+    names: typing.Optional[frozenset] = None
+    allowed: typing.Optional[typing.Pattern] = None
+
+    def matches(self, event):
+        return ((self.names is None or event in self.names)
+                and (self.allowed is None or self.allowed.fullmatch(event) is not None))
+
+
+EVERYTHING = EventFilter()
 
 
 class PendingInsert:
@@ -329,7 +416,7 @@ class Store:
             return records
 
     def latest(self, after_id, upto_id, events=None):
-        """The latest record of each event (of events, if given), if its id is in (after_id, upto_id]."""
+        """The latest record of each event (of the events named, if given), if its id is in (after_id, upto_id]."""
         sql = ("SELECT r.id, r.event, r.timestamp, r.data FROM latest AS l JOIN records AS r ON r.id = l.id"
                " WHERE l.id > ? AND l.id <= ?")
         return self._page(sql, "l", (after_id, upto_id), events)
@@ -429,10 +516,10 @@ class Subscriber:
     of the last payload). A subscriber whose socket is full keeps no queue: it is skipped
     until it can write again, then catches up from its cursor.
     """
-    __slots__ = ("sock", "fd", "events", "chunked", "cursor", "pending", "last_write", "stuck_since")
+    __slots__ = ("sock", "fd", "wants", "chunked", "cursor", "pending", "last_write", "stuck_since")
 
-    def __init__(self, sock, events, chunked, cursor):
-        self.sock, self.fd, self.events, self.chunked, self.cursor = sock, sock.fileno(), events, chunked, cursor
+    def __init__(self, sock, wants, chunked, cursor):
+        self.sock, self.fd, self.wants, self.chunked, self.cursor = sock, sock.fileno(), wants, chunked, cursor
         self.pending = None
         self.last_write = time.monotonic()
         self.stuck_since = None
@@ -490,7 +577,7 @@ class Fanout:
         with self._count_lock:
             self._streams -= 1
 
-    def join_stream(self, sock, events, chunked, cursor):
+    def join_stream(self, sock, wants, chunked, cursor):
         """Hand sock over once the ring holds every record after cursor; else return False."""
         with self.hub.changed:
             if self.hub.closed or not self.hub.covers(cursor):
@@ -498,7 +585,7 @@ class Fanout:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._owned.add(sock)
-            self._joining.append(Subscriber(sock, events, chunked, cursor))
+            self._joining.append(Subscriber(sock, wants, chunked, cursor))
             self.hub.changed.notify_all()
             return True
 
@@ -549,12 +636,12 @@ class Fanout:
         return [Frame(r.id, r.event, r.to_sse()) for r in self.store.after(after_id, upto_id)]
 
     def _broadcast(self, frames, now):
-        payloads = {}     # encoded once per distinct (?event= filter, chunked) in this batch
+        payloads = {}     # encoded once per distinct (EventFilter, chunked) in this batch
         last_id = frames[-1].id
         for sub in list(self._subs.values()):
             if sub in self._behind:
                 continue      # it catches up from its cursor when its socket can take more
-            key = (sub.events, sub.chunked)
+            key = (sub.wants, sub.chunked)
             payload = payloads.get(key)
             if payload is None:
                 payload = payloads[key] = self._encode(frames, sub)
@@ -564,8 +651,9 @@ class Fanout:
 
     @staticmethod
     def _encode(frames, sub):
-        events = sub.events
-        return body_part(b"".join(f.data for f in frames if events is None or f.event in events), sub.chunked)
+        if sub.wants == EVERYTHING:
+            return body_part(b"".join(f.data for f in frames), sub.chunked)
+        return body_part(b"".join(f.data for f in frames if sub.wants.matches(f.event)), sub.chunked)
 
     def _add(self, sub, now):
         self._subs[sub.fd] = sub
@@ -817,8 +905,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return getattr(self, methods[self.command])
 
     def post_insert(self):
-        body = self._read_json_body()
-        event, data = parse_insert(body)
+        allowed = self._allowed("publish")
+        event, data = parse_insert(self._read_json_body())
+        if allowed is not None and not allowed.fullmatch(event):
+            raise RequestError(403, f"the token does not allow publishing {event!r}")
         record = self.server.broker.store.insert(event, data)
         self._send_bytes(200, record.to_json(), "application/json")
 
@@ -844,7 +934,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return body
 
     def get_events(self):
-        events = self._event_filter()
+        wants = EventFilter(self._event_names(), self._allowed("subscribe"))
+        if wants.allowed is NOTHING:
+            raise RequestError(403, "the token does not allow subscribing to any event")
+        for name in wants.names or ():
+            if not wants.matches(name):
+                raise RequestError(403, f"the token does not allow subscribing to {name!r}")
         broker = self.server.broker
         if not broker.fanout.open_stream(broker.max_clients):
             self._refuse_stream(broker.max_clients)
@@ -852,14 +947,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         handed_over = False
         try:
             self._start_stream()
-            cursor = self._sync(broker, events)
+            cursor = self._sync(broker, wants)
             while not handed_over:
-                handed_over = broker.fanout.join_stream(self.request, events, self._chunked, cursor)
+                handed_over = broker.fanout.join_stream(self.request, wants, self._chunked, cursor)
                 if not handed_over:
                     if broker.hub.closed:
                         self._end_body()
                         break
-                    cursor = self._catch_up(broker, events, cursor)
+                    cursor = self._catch_up(broker, wants, cursor)
         finally:
             self.close_connection = True
             if not handed_over:
@@ -876,7 +971,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._write_chunk(b"retry: %d\n\n" % FULL_RETRY_MS)
         self._end_body()
 
-    def _event_filter(self):
+    def _event_names(self):
         names = self.query.get("event")
         if names is None:
             return None
@@ -916,36 +1011,36 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self._chunked:
             self.wfile.write(END_OF_STREAM)
 
-    def _sync(self, broker, events):
+    def _sync(self, broker, wants):
         """Send the sync (or the resume's replay) and the id-only block; return its cursor."""
         with broker.hub.changed:
             newest = broker.hub.newest
         resume = self._resume_id(newest)
         read_page = broker.store.latest if resume is None else broker.store.after
-        cursor = 0 if resume is None else resume
-        while True:
-            records = read_page(cursor, newest, events)
-            if not records:
-                break
-            self._write_chunk(b"".join(r.to_sse() for r in records))
-            cursor = records[-1].id
+        self._send_stored(read_page, wants, 0 if resume is None else resume, newest)
         self._write_chunk(b"id: %d\n\n" % newest)
         return newest
 
-    def _catch_up(self, broker, events, cursor):
+    def _catch_up(self, broker, wants, cursor):
         """Send, from the database, what was committed after cursor; return the new cursor."""
         with broker.hub.changed:
             newest = broker.hub.newest
-        while cursor < newest:
-            records = broker.store.after(cursor, newest, events)
-            if not records:
-                break
-            self._write_chunk(b"".join(r.to_sse() for r in records))
-            cursor = records[-1].id
+        self._send_stored(broker.store.after, wants, cursor, newest)
         return newest
 
+    def _send_stored(self, read_page, wants, cursor, newest):
+        while cursor < newest:
+            records = read_page(cursor, newest, wants.names)
+            if not records:
+                return
+            self._write_chunk(b"".join(r.to_sse() for r in records if wants.matches(r.event)))
+            cursor = records[-1].id
+
     def get_audit(self):
+        allowed = self._allowed("subscribe")
         event = check_event_name(self._path_event())
+        if allowed is not None and not allowed.fullmatch(event):
+            raise RequestError(403, f"the token does not allow reading {event!r}")
         since = non_negative_int(self._query_value("since", "0"), "since")
         limit = self._query_value("limit", None)
         limit = None if limit is None else non_negative_int(limit, "limit")
@@ -966,6 +1061,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _query_value(self, name, default):
         values = self.query.get(name)
         return default if not values else values[-1]
+
+    def _allowed(self, action):
+        """What this request may do for action ("publish" or "subscribe"): None for every
+        event, else a regex of event names. 401 when credentials are needed and missing or bad."""
+        broker = self.server.broker
+        fixed = broker.publish_token if action == "publish" else broker.subscribe_token
+        if fixed is None and broker.jwt_secret is None:
+            return None
+        token = self._bearer_token(allow_query=action == "subscribe")
+        if token is None:
+            raise RequestError(401, "a bearer token is required", [("WWW-Authenticate", "Bearer")])
+        if fixed is not None and same_secret(token, fixed):
+            return None
+        if broker.jwt_secret is None:
+            raise RequestError(401, "the bearer token is not valid", [("WWW-Authenticate", INVALID_TOKEN)])
+        return patterns_regex(verify_jwt(token, broker.jwt_secret)[action])
+
+    def _bearer_token(self, allow_query):
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        if allow_query:           # an EventSource cannot set headers
+            return self._query_value("access_token", None)
+        return None
 
     def get_healthz(self):
         broker = self.server.broker
@@ -1021,7 +1140,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         if not self.server.broker.quiet:
-            super().log_message(format, *args)
+            message = TOKEN_IN_URL.sub(r"\1[redacted]", format % args)
+            sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
 
 
 def static_file(root, url_path):
@@ -1147,17 +1267,17 @@ class Broker:
         """The same mapping as GET /audit/{event}."""
         return json.loads(b"".join(audit_json(self.store, check_event_name(event), since, limit)))
 
-    def subscribe(self, events=None, last_event_id=None, timeout=None):
+    def subscribe(self, events=None, last_event_id=None, timeout=None, token=None):
         """The records of this broker's /events, as broker.subscribe() yields them."""
-        return subscribe(self.url, events, last_event_id, timeout)
+        return subscribe(self.url, events, last_event_id, timeout, token)
 
 
-def publish_to(url, event, data, timeout=10):
+def publish_to(url, event, data, timeout=10, token=None):
     """POST an insert to the broker at url and return the record; RequestError on a refusal."""
     connection, prefix = connect(url, timeout)
+    headers = {"Content-Type": "application/json", **bearer(token)}
     try:
-        connection.request("POST", prefix + "/insert", json_bytes({"event": event, "data": data}),
-                           {"Content-Type": "application/json"})
+        connection.request("POST", prefix + "/insert", json_bytes({"event": event, "data": data}), headers)
         response = connection.getresponse()
         body = response.read()
     finally:
@@ -1167,7 +1287,7 @@ def publish_to(url, event, data, timeout=10):
     return json.loads(body)
 
 
-def subscribe(url, events=None, last_event_id=None, timeout=None):
+def subscribe(url, events=None, last_event_id=None, timeout=None, token=None):
     """Yield records {"id", "event", "data"} from the broker at url, resuming after a drop.
 
     timeout: seconds to wait for the next record (reconnecting included) before TimeoutError.
@@ -1177,7 +1297,7 @@ def subscribe(url, events=None, last_event_id=None, timeout=None):
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
-            for record in stream_once(url, query, parser, timeout):
+            for record in stream_once(url, query, parser, timeout, token):
                 yield record
                 deadline = None if timeout is None else time.monotonic() + timeout
         except (OSError, http.client.HTTPException):
@@ -1187,11 +1307,11 @@ def subscribe(url, events=None, last_event_id=None, timeout=None):
         time.sleep(parser.retry)
 
 
-def stream_once(url, query, parser, timeout):
+def stream_once(url, query, parser, timeout, token):
     """Yield the records of one /events connection until the server closes it."""
     connection, prefix = connect(url, timeout)
     try:
-        headers = {"Accept": "text/event-stream"}
+        headers = {"Accept": "text/event-stream", **bearer(token)}
         if parser.last_event_id:
             headers["Last-Event-ID"] = parser.last_event_id
         connection.request("GET", prefix + "/events" + ("?" + query if query else ""), headers=headers)
@@ -1207,6 +1327,10 @@ def stream_once(url, query, parser, timeout):
         raise TimeoutError(f"no record from {url} within {timeout} seconds") from None
     finally:
         connection.close()
+
+
+def bearer(token):
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
 
 
 def connect(url, timeout):
@@ -1353,7 +1477,27 @@ def raise_open_file_limit():
             pass          # keep the soft limit; --max-clients follows it
 
 
+def token_command(argv):
+    parser = OneLineParser(prog="broker.py token", description="Print an HS256 JWT for --jwt-secret.")
+    parser.add_argument("--secret", default=os.environ.get("BROKER_JWT_SECRET"),
+                        help="the broker's --jwt-secret (env BROKER_JWT_SECRET)")
+    parser.add_argument("--publish", action="append", default=[], metavar="PATTERN",
+                        help="event names it may insert (shell-style: * and ?); repeatable")
+    parser.add_argument("--subscribe", action="append", default=[], metavar="PATTERN",
+                        help="event names it may read from /events and /audit; repeatable")
+    parser.add_argument("--expires", type=named_type(positive_number(float)), metavar="SECONDS",
+                        help="lifetime (default: no expiry)")
+    options = parser.parse_args(argv)
+    if not options.secret:
+        parser.error("--secret (or BROKER_JWT_SECRET) is required")
+    print(make_jwt(options.secret, options.publish, options.subscribe, options.expires))
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:
+        return token_command(argv[1:])
     settings = parse_settings(argv, os.environ)
     raise_open_file_limit()
     broker = Broker(**settings)

@@ -2,6 +2,9 @@
 
     python3 -m unittest -v test_broker
 """
+import base64
+import hashlib
+import hmac
 import http.client
 import itertools
 import json
@@ -546,6 +549,142 @@ class EventsTests(unittest.TestCase):
         self.assertEqual(own.publish("after", 1)["data"], 1)
 
 
+def sign(claims, secret, alg="HS256"):
+    """A JWT made here, independently of broker.make_jwt, with any header alg."""
+    def encode(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    signing_input = f"{encode(json.dumps({'alg': alg}).encode())}.{encode(json.dumps(claims).encode())}"
+    return signing_input + "." + encode(hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest())
+
+
+class TokenTests(unittest.TestCase):
+    """Fixed tokens: --publish-token and --subscribe-token."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, publish_token="pub-secret", subscribe_token="sub-secret")
+
+    def assert_unauthorized(self, status, body, headers):
+        self.assertEqual(status, 401)
+        self.assertTrue(headers["WWW-Authenticate"].startswith("Bearer"))
+        self.assertIn("error", body)
+
+    def test_insert_needs_the_publish_token(self):
+        body = json.dumps({"event": unique_event(self), "data": 1})
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer sub-secret"},
+                        {"Authorization": "Basic pub-secret"}):
+            with self.subTest(headers=headers):
+                self.assert_unauthorized(*call(self.broker, "POST", "/insert", body,
+                                               {"Content-Type": "application/json", **headers}))
+        status, record, _ = call(self.broker, "POST", "/insert", body,
+                                 {"Content-Type": "application/json", "Authorization": "Bearer pub-secret"})
+        self.assertEqual(status, 200)
+        self.assertEqual(call(self.broker, "GET", "/healthz")[1]["last_id"], record["id"])
+
+    def test_events_and_audit_need_the_subscribe_token(self):
+        for path in ("/events", "/audit/user", "/events?access_token=wrong", "/audit/user?access_token=pub-secret"):
+            with self.subTest(path=path):
+                self.assert_unauthorized(*call(self.broker, "GET", path))
+        self.assertEqual(call(self.broker, "GET", "/audit/user", headers={"Authorization": "Bearer sub-secret"})[0], 200)
+        self.assertEqual(call(self.broker, "GET", "/audit/user?access_token=sub-secret")[0], 200)
+        with EventStream(self.broker, "/events?access_token=sub-secret") as by_query:
+            self.assertEqual(by_query.status, 200)
+        with EventStream(self.broker, headers={"Authorization": "Bearer sub-secret"}) as by_header:
+            self.assertEqual(by_header.status, 200)
+
+    def test_healthz_and_preflight_stay_open(self):
+        self.assertEqual(call(self.broker, "GET", "/healthz")[0], 200)
+        self.assertEqual(call(self.broker, "OPTIONS", "/insert")[0], 204)
+
+    def test_client_functions_send_the_token(self):
+        name = unique_event(self)
+        with self.assertRaises(broker.RequestError) as refused:
+            broker.publish_to(self.broker.url, name, 1)
+        self.assertEqual(refused.exception.status, 401)
+        record = broker.publish_to(self.broker.url, name, 1, token="pub-secret")
+        records = broker.subscribe(self.broker.url, [name], timeout=TIMEOUT, token="sub-secret")
+        self.addCleanup(records.close)
+        self.assertEqual(next(records)["id"], record["id"])
+
+
+class JwtTests(unittest.TestCase):
+    """--jwt-secret: HS256 tokens whose claims name the events a bearer may publish and read."""
+    SECRET = "jwt-secret"
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, jwt_secret=cls.SECRET)
+        cls.secret = cls.broker.publish("secret", "hidden")
+        cls.user = cls.broker.publish("user", {"name": "Ada"})
+        cls.room = cls.broker.publish("chat.room", "hello")
+
+    def token(self, publish=(), subscribe=(), **options):
+        return broker.make_jwt(self.SECRET, publish, subscribe, **options)
+
+    def insert_as(self, token, event):
+        return call(self.broker, "POST", "/insert", json.dumps({"event": event, "data": 1}),
+                    {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+
+    def test_publisher_may_insert_only_the_events_its_token_allows(self):
+        token = self.token(publish=["chat.*"])
+        self.assertEqual(self.insert_as(token, "chat.lobby")[0], 200)
+        status, body, _ = self.insert_as(token, "user")
+        self.assertEqual((status, body), (403, {"error": "the token does not allow publishing 'user'"}))
+        self.assertEqual(self.insert_as(self.token(subscribe=["*"]), "chat.lobby")[0], 403)
+
+    def test_bad_tokens_are_401(self):
+        publish_all = {"broker": {"publish": ["*"]}}
+        cases = [
+            ("expired", sign({**publish_all, "exp": time.time() - 10}, self.SECRET), "it has expired"),
+            ("not yet valid", sign({**publish_all, "nbf": time.time() + 3600}, self.SECRET), "not valid yet"),
+            ("wrong signature", sign(publish_all, "another-secret"), "signature does not match"),
+            ("alg none", sign(publish_all, self.SECRET, alg="none"), "alg must be HS256"),
+            ("alg none, unsigned", sign(publish_all, self.SECRET, alg="none").rsplit(".", 1)[0] + ".", "alg must be HS256"),
+            ("alg HS512", sign(publish_all, self.SECRET, alg="HS512"), "alg must be HS256"),
+            ("garbage", "not.a.jwt", "not a JWT"),
+            ("two parts", "abc.def", "not a JWT"),
+        ]
+        for case, token, reason in cases:
+            with self.subTest(case=case):
+                status, body, headers = self.insert_as(token, "chat.x")
+                self.assertEqual(status, 401)
+                self.assertIn(reason, body["error"])
+                self.assertEqual(headers["WWW-Authenticate"], 'Bearer error="invalid_token"')
+        self.assertEqual(call(self.broker, "GET", "/audit/user")[0], 401)
+        self.assertEqual(self.insert_as(sign({**publish_all, "exp": time.time() + 60}, self.SECRET), "chat.x")[0], 200)
+
+    def test_subscriber_sees_only_allowed_events_in_sync_resume_and_live(self):
+        token = self.token(subscribe=["chat.*", "user"])
+        with EventStream(self.broker, f"/events?access_token={token}") as stream:
+            records, _ = stream.read_sync()
+            self.assertNotIn("secret", {r["event"] for r in records})
+            self.assertTrue({"user", "chat.room"} <= {r["event"] for r in records})
+            self.broker.publish("secret", "still hidden")
+            live = self.broker.publish("chat.room", "live")
+            self.assertEqual(stream.read_message()["id"], live["id"])
+        resume = {"Authorization": f"Bearer {token}", "Last-Event-ID": str(self.secret["id"] - 1)}
+        with EventStream(self.broker, headers=resume) as resumed:
+            events = [r["event"] for r in resumed.read_sync()[0]]
+            self.assertNotIn("secret", events)
+            self.assertEqual(events[:2], ["user", "chat.room"])
+
+    def test_asking_for_a_forbidden_event_is_403(self):
+        token = self.token(subscribe=["chat.*"])
+        status, body, _ = call(self.broker, "GET", f"/events?event=secret&access_token={token}")
+        self.assertEqual((status, body), (403, {"error": "the token does not allow subscribing to 'secret'"}))
+        self.assertEqual(call(self.broker, "GET", f"/audit/secret?access_token={token}")[0], 403)
+        self.assertEqual(call(self.broker, "GET", f"/audit/chat.room?access_token={token}")[:2][0], 200)
+        no_reading = self.token(publish=["*"])
+        self.assertEqual(call(self.broker, "GET", f"/events?access_token={no_reading}")[0], 403)
+
+    def test_token_command_prints_a_token_the_broker_accepts(self):
+        output = subprocess.run([sys.executable, os.path.join(HERE, "broker.py"), "token", "--secret", self.SECRET,
+                                 "--publish", "chat.*", "--subscribe", "user", "--expires", "60"],
+                                capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout.strip()
+        self.assertEqual(broker.verify_jwt(output, self.SECRET), {"publish": ["chat.*"], "subscribe": ["user"]})
+        self.assertEqual(self.insert_as(output, "chat.cli")[0], 200)
+
+
 class LimitTests(unittest.TestCase):
     """Hostile or careless clients: too many, too slow to send, too slow to read."""
 
@@ -980,6 +1119,20 @@ class CommandLineTests(unittest.TestCase):
             return response.status, json.loads(response.read())
         finally:
             connection.close()
+
+    def test_access_log_never_shows_an_access_token(self):
+        process, _ = self.run_broker("--port", "0", "--subscribe-token", "tok-12345")
+        url = process.stdout.readline().decode().split()[3]
+        parts = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
+        connection.request("GET", "/audit/user?access_token=tok-12345&limit=1")
+        self.assertEqual(connection.getresponse().status, 200)
+        connection.close()
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=5), 0)
+        log = process.stderr.read().decode()
+        self.assertIn("/audit/user?access_token=[redacted]&limit=1", log)
+        self.assertNotIn("tok-12345", log)
 
     def test_environment_sets_options_and_flags_win(self):
         process, folder = self.run_broker("--db", "flag.db", env={"BROKER_DB": "env.db", "PORT": "0"})
