@@ -332,23 +332,45 @@ class Store:
         END;
     """
     MAX_BATCH = 1000
+    APPLICATION_ID = 0x42726B72      # "Brkr" in the file header: this file is a broker.py database
 
     def __init__(self, path, sync="full", on_commit=None):
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._path, self._sync = path, sync
         self._lock = threading.Lock()
         self._turn = threading.Condition()    # notified by each committer when it is done
         self._queue = []                      # PendingInserts not yet in a transaction
         self._committing = False
         self._on_commit = on_commit or (lambda records: None)
         self._closed = False
+        self._reopen = False                  # a write failed: the next one starts afresh
+        self._db = self._connect()
+        self._last_ts = self._newest_timestamp()
+
+    def _connect(self):
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={sync.upper()}")
-            self._db.executescript(self.SCHEMA)
-            self._last_ts = self._newest_timestamp()
-        except sqlite3.Error:
-            self._db.close()
+            self._claim_file(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self._sync.upper()}")
+            db.executescript(self.SCHEMA)
+        except (sqlite3.Error, StoreError):
+            db.close()
             raise
+        return db
+
+    def _claim_file(self, db):
+        """Mark a new database as ours; refuse, before writing anything, one that is not."""
+        try:
+            application_id = db.execute("PRAGMA application_id").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            if "not a database" not in str(error):
+                raise
+            raise StoreError(f"{self._path} is not an SQLite database; refusing to touch it") from None
+        if application_id == self.APPLICATION_ID:
+            return
+        if application_id != 0 or db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise StoreError(f"{self._path} is not a broker.py database (it holds other data); refusing to touch it")
+        db.execute(f"PRAGMA application_id={self.APPLICATION_ID}")
 
     def close(self):
         with self._lock:
@@ -385,7 +407,7 @@ class Store:
         try:
             records = self._write([(p.event, p.data) for p in batch])
         except (sqlite3.Error, StoreError) as error:
-            failure = error if isinstance(error, StoreError) else StoreError(f"database error: {error}")
+            failure = error if isinstance(error, StoreError) else StoreError(f"the database refused the write: {error}")
             for pending in batch:
                 pending.error = failure
             return
@@ -398,10 +420,12 @@ class Store:
         with self._lock:
             if self._closed:
                 raise StoreError("the broker is shutting down")
+            if self._reopen:
+                self._reconnect()
             ts = self._last_ts
             records = []
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 for event, data in rows:
                     ts = max(now_us(), ts + 1)    # a tie is bumped: timestamps are unique keys
                     cursor = self._db.execute(
@@ -409,11 +433,29 @@ class Store:
                     records.append(Record(cursor.lastrowid, event, ts, data))
                 self._db.execute("COMMIT")
             except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                self._roll_back()
                 raise
             self._last_ts = ts
             return records
+
+    def _roll_back(self):
+        # A connection that failed to write (disk full, file made read-only) is replaced
+        # before the next write: SQLite keeps a file it opened read-only that way for good.
+        self._reopen = self._path != ":memory:"
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _reconnect(self):
+        self._db.close()        # first: SQLite would hand the new connection the old file handle
+        try:
+            self._db = self._connect()
+        except (sqlite3.Error, StoreError) as error:
+            self._db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            raise StoreError(f"the database refused the write: {error}") from None
+        self._reopen = False
 
     def latest(self, after_id, upto_id, events=None):
         """The latest record of each event (of the events named, if given), if its id is in (after_id, upto_id]."""
@@ -1503,7 +1545,7 @@ def main(argv=None):
     broker = Broker(**settings)
     try:
         broker.start()
-    except (OSError, ValueError, sqlite3.Error) as error:
+    except (OSError, ValueError, sqlite3.Error, StoreError) as error:
         print(f"broker.py: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1
     for signum in (signal.SIGINT, signal.SIGTERM):     # before the line: a reader may signal at once

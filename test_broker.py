@@ -10,8 +10,10 @@ import itertools
 import json
 import os
 import select
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,13 @@ def start_broker(test_class, **options):
 def address(server):
     parts = urllib.parse.urlsplit(server.url)
     return parts.hostname, parts.port
+
+
+class Remote:
+    """A broker in another process, known by its URL: enough for call(), insert() and EventStream."""
+
+    def __init__(self, url):
+        self.url = url
 
 
 def call(server, method, path, body=None, headers=None):
@@ -683,6 +692,147 @@ class JwtTests(unittest.TestCase):
                                 capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout.strip()
         self.assertEqual(broker.verify_jwt(output, self.SECRET), {"publish": ["chat.*"], "subscribe": ["user"]})
         self.assertEqual(self.insert_as(output, "chat.cli")[0], 200)
+
+
+class FaultTests(unittest.TestCase):
+    """Crashes, full or read-only disks, and files that are not ours."""
+
+    def test_every_acknowledged_insert_survives_kill_9(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        db = os.path.join(folder.name, "broker.db")
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", "--db", db,
+                                    "--quiet"], stdout=subprocess.PIPE)
+        self.addCleanup(process.kill)
+        self.addCleanup(process.stdout.close)
+        host, port = urllib.parse.urlsplit(process.stdout.readline().decode().split()[3])[1].split(":")
+        acknowledged, enough = [], threading.Event()
+
+        def publish_until_killed(worker):
+            connection = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+            try:
+                for n in itertools.count():
+                    connection.request("POST", "/insert", json.dumps({"event": f"w{worker}", "data": n}),
+                                       {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    if response.status == 200:
+                        acknowledged.append(json.loads(response.read()))
+                    if len(acknowledged) >= 400:
+                        enough.set()
+            except (OSError, http.client.HTTPException):
+                return            # the server died under us: that is the point
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=publish_until_killed, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(enough.wait(TIMEOUT * 4))
+        process.send_signal(signal.SIGKILL)
+        for thread in threads:
+            thread.join(TIMEOUT)
+        process.wait(TIMEOUT)
+        with Broker(db=db, port=0, quiet=True) as restarted:
+            stored = {}
+            for worker in range(8):
+                for key, value in restarted.audit(f"w{worker}").items():
+                    stored[(f"w{worker}", value)] = int(key.rsplit("_v_", 1)[1])
+        missing = [r for r in acknowledged if stored.get((r["event"], r["data"])) != r["timestamp"]]
+        self.assertGreaterEqual(len(acknowledged), 400)
+        self.assertEqual(missing, [])
+
+    def test_a_foreign_sqlite_database_is_refused_untouched(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        path = os.path.join(folder.name, "app.db")
+        with sqlite3.connect(path) as other:
+            other.execute("CREATE TABLE notes (text TEXT)")
+            other.execute("INSERT INTO notes VALUES ('keep me')")
+        other.close()
+        with open(path, "rb") as file:
+            before = file.read()
+        result = subprocess.run([sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", "--db", path],
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.count("\n"), 1)
+        self.assertIn("is not a broker.py database", result.stderr)
+        with open(path, "rb") as file:
+            self.assertEqual(file.read(), before)
+        self.assertEqual(sorted(os.listdir(folder.name)), ["app.db"])
+
+    def small_disk(self, size="2m"):
+        """A real, tiny filesystem (tmpfs) this test can fill up."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, folder)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", folder],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            self.skip_unless_ci(f"needs root to mount a tmpfs: {mounted.stderr.strip()}")
+        self.addCleanup(subprocess.run, ["umount", "-l", folder], check=True)
+        return folder
+
+    def skip_unless_ci(self, reason):
+        if os.environ.get("CI"):
+            self.fail(reason)
+        self.skipTest(reason)
+
+    def test_read_only_database_gives_503_and_recovers(self):
+        # Root writes any file, so the broker runs as nobody, from a copy nobody can read.
+        if os.geteuid() != 0:
+            self.skip_unless_ci("needs root to run the broker as another user")
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        os.chmod(folder.name, 0o777)
+        shutil.copy(os.path.join(HERE, "broker.py"), folder.name)
+        db = os.path.join(folder.name, "broker.db")
+        with Broker(db=db, port=0, quiet=True) as first:
+            first.publish("before", 1)
+        os.chmod(db, 0o444)
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        process = subprocess.Popen([python, os.path.join(folder.name, "broker.py"), "--port", "0", "--db", db,
+                                    "--quiet"], stdout=subprocess.PIPE, user="nobody")
+        self.addCleanup(process.wait)
+        self.addCleanup(process.terminate)
+        self.addCleanup(process.stdout.close)
+        url = process.stdout.readline().decode().split()[3]
+        read_only = Remote(url)
+        status, body, _ = insert(read_only, {"event": "during", "data": 2})
+        self.assertEqual((status, body), (503, {"error": "the database refused the write: attempt to write a readonly database"}))
+        with EventStream(read_only) as reader:              # reading goes on
+            self.assertEqual([r["data"] for r in reader.read_sync()[0]], [1])
+        for name in os.listdir(folder.name):                # the -wal and -shm files too
+            os.chmod(os.path.join(folder.name, name), 0o666)
+        status, record, _ = insert(read_only, {"event": "after", "data": 3})
+        self.assertEqual((status, record["data"]), (200, 3))
+        self.assertEqual(call(read_only, "GET", "/audit/during")[1], {})
+
+    def test_full_disk_gives_503_and_recovers(self):
+        folder = self.small_disk()
+        disk = start_broker(type(self), db=os.path.join(folder, "broker.db"))
+        self.addCleanup(disk.stop)
+        stream = EventStream(disk)
+        self.addCleanup(stream.close)
+        stream.read_sync()
+        filler = os.path.join(folder, "filler")
+        with open(filler, "wb") as file:
+            try:
+                while True:
+                    file.write(b"\0" * 65536)
+                    file.flush()
+            except OSError:
+                pass                                     # the disk is full now
+        statuses = [insert(disk, {"event": "fill", "data": "x" * 20000})[0] for _ in range(5)]
+        self.assertIn(503, statuses)
+        refused = disk.hub.newest
+        os.remove(filler)
+        status, record, _ = insert(disk, {"event": "after", "data": 1})
+        self.assertEqual(status, 200)
+        received = stream.read_message()
+        while received["event"] == "fill":               # those stored before the disk filled
+            self.assertLessEqual(received["id"], refused)
+            received = stream.read_message()
+        self.assertEqual(received["id"], record["id"])
+        self.assertEqual(len(disk.audit("fill")), statuses.count(200))
 
 
 class LimitTests(unittest.TestCase):
