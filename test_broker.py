@@ -1324,7 +1324,7 @@ class CommandLineTests(unittest.TestCase):
     def test_a_file_that_is_not_a_database_is_refused_untouched(self):
         process, folder = self.run_broker("--port", "0", "--db", "notes.txt")
         self.assertEqual(process.wait(timeout=5), 1)
-        self.assertIn("not a database", process.stderr.read().decode())
+        self.assertEqual(process.stderr.read().decode(), "broker.py: error: notes.txt is not an SQLite database; refusing to touch it\n")
         with open(os.path.join(folder, "notes.txt"), "rb") as file:
             self.assertEqual(file.read(), NOT_A_DATABASE)
 
