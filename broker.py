@@ -890,6 +890,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             self.server.watchdog.release(self.request)
 
+    def parse_request(self):
+        for _ in range(8):      # RFC 9112 2.2: ignore empty lines before the request line
+            if self.raw_requestline not in (b"\r\n", b"\n"):
+                break
+            self.raw_requestline = self.rfile.readline(65537)
+        return super().parse_request()
+
     def do_GET(self):
         self._dispatch()
 

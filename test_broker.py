@@ -9,6 +9,8 @@ import http.client
 import itertools
 import json
 import os
+import random
+import re
 import select
 import shutil
 import signal
@@ -833,6 +835,94 @@ class FaultTests(unittest.TestCase):
             received = stream.read_message()
         self.assertEqual(received["id"], record["id"])
         self.assertEqual(len(disk.audit("fill")), statuses.count(200))
+
+
+class FuzzTests(unittest.TestCase):
+    """Seeded random requests: every answer is well-formed HTTP, the server stays up, and
+    nothing invalid is stored."""
+    SEED = 20261129
+    STATUS_LINE = re.compile(rb"^HTTP/1\.[01] ([2-5][0-9][0-9]) [^\r\n]*\r\n")
+    INTERIM = re.compile(rb"^HTTP/1\.1 100 [^\r\n]*\r\n\r\n")
+    PIECES = [b'"', b"{", b"}", b"[", b"]", b",", b":", b"NaN", b"-Infinity", b"1e999", b'"\\ud800"', b"\\u0000",
+              b"\x00", b"\x7f", b"\xff", b"\xc3", "é".encode(), b'"event"', b'"data"', b"null", b"\n", b" ", b"0"]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, max_body=4096, request_timeout=2)
+        cls.random = random.Random(cls.SEED)
+
+    def answer(self, request):
+        """The final response's status and bytes (after any 100 Continue; a stream's head only)."""
+        response = b""
+        with socket.create_connection(address(self.broker), timeout=TIMEOUT) as sock:
+            sock.sendall(request)
+            while True:
+                data = sock.recv(65536)
+                response += data
+                while self.INTERIM.match(response):
+                    response = self.INTERIM.sub(b"", response, count=1)
+                head = response.split(b"\r\n\r\n", 1)[0]
+                if not data or (b"\r\n\r\n" in response and b"text/event-stream" in head):
+                    break
+        match = self.STATUS_LINE.match(response)
+        self.assertIsNotNone(match, f"not an HTTP response to {request[:80]!r}: {response[:80]!r}")
+        return int(match.group(1)), response
+
+    def mutated_body(self):
+        body = bytearray(json.dumps({"event": self.random.choice(["fuzz", "fuzz.a", "", "f" * 256]),
+                                     "data": self.random.choice([1, "x", [1, 2], {"k": None}])}).encode())
+        for _ in range(self.random.randint(0, 4)):
+            position = self.random.randint(0, len(body))
+            if self.random.random() < 0.5:
+                body[position:position] = self.random.choice(self.PIECES)
+            else:
+                del body[position:position + self.random.randint(1, 3)]
+        return bytes(body)
+
+    def test_random_insert_bodies(self):
+        accepted = 0
+        for _ in range(1500):
+            body = self.mutated_body()
+            content_type = self.random.choice([b"application/json", b"application/json; charset=utf-8", b"text/plain"])
+            status, response = self.answer(b"POST /insert HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                           b"Content-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+                                           % (content_type, len(body), body))
+            self.assertIn(status, (200, 400, 415))
+            if status == 200:
+                accepted += 1
+            else:
+                self.assertIn("error", body_of(response))
+        self.assert_only_valid_records_stored(accepted)
+
+    def test_random_request_lines_and_headers(self):
+        methods = [b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"DELETE", b"G\x00T", b"", b"PATCH", b"BREW"]
+        paths = [b"/insert", b"/events?event=%ff", b"/audit/%", b"/audit/a%00b", b"/healthz", b"*", b"/" + b"a" * 9000,
+                 b"/events?lastEventId=-1&event=", b"/audit/x?since=99999999999999999999999", b"http://[::1/x", b""]
+        versions = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1", b"FOO", b""]
+        headers = [b"Content-Length: -1", b"Content-Length: abc", b"Transfer-Encoding: gzip", b"X: \xff\xfe",
+                   b"no colon here", b"Last-Event-ID: \x00", b"Expect: 100-continue", b"Accept: text/event-stream",
+                   b"Authorization: Bearer " + b"a" * 3000, b": empty name", b"Host:"]
+        for _ in range(600):
+            line = b" ".join(part for part in (self.random.choice(methods), self.random.choice(paths),
+                                               self.random.choice(versions)) if part)
+            chosen = self.random.sample(headers, self.random.randint(0, 3))
+            request = line + b"\r\n" + b"".join(h + b"\r\n" for h in chosen) + b"Connection: close\r\n\r\n"
+            status, response = self.answer(request)
+            self.assertGreaterEqual(status, 200)
+            if status >= 400 and not line.startswith(b"HEAD "):
+                self.assertIn(b'{"error":', response)
+        self.assertEqual(call(self.broker, "GET", "/healthz")[0], 200)
+
+    def assert_only_valid_records_stored(self, accepted):
+        self.assertEqual(call(self.broker, "GET", "/healthz")[0], 200)
+        with EventStream(self.broker, headers={"Last-Event-ID": "0"}) as everything:
+            records, _ = everything.read_sync()
+        self.assertEqual(len(records), accepted)
+        self.assertGreater(accepted, 50)          # the mutations leave many bodies valid
+        for record in records:
+            self.assertEqual(broker.check_event_name(record["event"]), record["event"])
+            self.assertEqual(broker.encode_data(record["data"]), json.dumps(record["data"], separators=(",", ":"),
+                                                                             ensure_ascii=False))
 
 
 class LimitTests(unittest.TestCase):
