@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PORT ?= 8080
 
-.PHONY: run test insert demo test-browser test-proxy bench clean
+.PHONY: run test insert token demo test-browser test-proxy bench clean
 
 run:
 	$(PYTHON) broker.py --port $(PORT)
@@ -14,8 +14,22 @@ insert:
 		-d '{"event": "user", "data": {"user": "Ada"}}'
 	@echo
 
+SECRET ?= $(BROKER_JWT_SECRET)
+PUBLISH ?= *
+SUBSCRIBE ?= *
+
+token:
+	$(PYTHON) broker.py token --secret '$(SECRET)' --publish '$(PUBLISH)' --subscribe '$(SUBSCRIBE)' --expires 86400
+
 demo:
-	@echo "name demo:  http://127.0.0.1:$(PORT)/index.html"
+	@echo "name SECRET ?= $(BROKER_JWT_SECRET)
+PUBLISH ?= *
+SUBSCRIBE ?= *
+
+token:
+	$(PYTHON) broker.py token --secret '$(SECRET)' --publish '$(PUBLISH)' --subscribe '$(SUBSCRIBE)' --expires 86400
+
+demo:  http://127.0.0.1:$(PORT)/index.html"
 	@echo "inspector:  http://127.0.0.1:$(PORT)/inspector.html"
 	$(PYTHON) broker.py --port $(PORT) --static demo
 
