@@ -22,14 +22,7 @@ token:
 	$(PYTHON) broker.py token --secret '$(SECRET)' --publish '$(PUBLISH)' --subscribe '$(SUBSCRIBE)' --expires 86400
 
 demo:
-	@echo "name SECRET ?= $(BROKER_JWT_SECRET)
-PUBLISH ?= *
-SUBSCRIBE ?= *
-
-token:
-	$(PYTHON) broker.py token --secret '$(SECRET)' --publish '$(PUBLISH)' --subscribe '$(SUBSCRIBE)' --expires 86400
-
-demo:  http://127.0.0.1:$(PORT)/index.html"
+	@echo "name demo:  http://127.0.0.1:$(PORT)/index.html"
 	@echo "inspector:  http://127.0.0.1:$(PORT)/inspector.html"
 	$(PYTHON) broker.py --port $(PORT) --static demo
 
