@@ -94,6 +94,7 @@ LINE_END = re.compile("\r\n|\r|\n")
 TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s\"]*")
 INVALID_TOKEN = 'Bearer error="invalid_token"'
 NOTHING = re.compile("(?!)")       # the regex of a token that allows no event
+NOT_FINITE = "NaN and Infinity are not valid JSON (browsers cannot parse them)"
 
 
 class RequestError(ValueError):
@@ -164,9 +165,6 @@ def encode_data(value):
     if not is_valid_unicode(text):
         raise RequestError(400, '"data" holds a lone surrogate, which is not valid Unicode')
     return text
-
-
-NOT_FINITE = "NaN and Infinity are not valid JSON (browsers cannot parse them)"
 
 
 def reject_constant(name):
@@ -242,7 +240,8 @@ def verify_jwt(token, secret, now=None):
     if len(parts) != 3:
         raise refuse("not a JWT")
     try:
-        header, claims, signature = json.loads(b64url_decode(parts[0])), json.loads(b64url_decode(parts[1])), b64url_decode(parts[2])
+        header, claims = (json.loads(b64url_decode(part)) for part in parts[:2])
+        signature = b64url_decode(parts[2])
     except ValueError:
         raise refuse("not a JWT") from None
     if not isinstance(header, dict) or header.get("alg") != "HS256":
@@ -259,10 +258,14 @@ def verify_jwt(token, secret, now=None):
         raise refuse("it has expired")
     if "nbf" in claims and now < claims["nbf"]:
         raise refuse("it is not valid yet")
-    grants = claims.get("broker", {})
-    grants = grants if isinstance(grants, dict) else {}
-    return {action: [p for p in grants.get(action, []) if isinstance(p, str)]
-            if isinstance(grants.get(action, []), list) else [] for action in ("publish", "subscribe")}
+    grants = claims.get("broker")
+    return {action: granted_patterns(grants, action) for action in ("publish", "subscribe")}
+
+
+def granted_patterns(grants, action):
+    """The event-name patterns a token's "broker" claim grants for action; malformed: none."""
+    patterns = grants.get(action) if isinstance(grants, dict) else None
+    return [p for p in patterns if isinstance(p, str)] if isinstance(patterns, list) else []
 
 
 class Record(typing.NamedTuple):
@@ -287,7 +290,7 @@ class Record(typing.NamedTuple):
 class EventFilter(typing.NamedTuple):
     """Which events a stream gets: its ?event= names and what its token allows (None: all)."""
     names: typing.Optional[frozenset] = None
-    allowed: typing.Optional[typing.Pattern] = None
+    allowed: typing.Optional[re.Pattern] = None
 
     def matches(self, event):
         return ((self.names is None or event in self.names)
@@ -407,9 +410,9 @@ class Store:
         try:
             records = self._write([(p.event, p.data) for p in batch])
         except (sqlite3.Error, StoreError) as error:
-            failure = error if isinstance(error, StoreError) else StoreError(f"the database refused the write: {error}")
+            reason = str(error) if isinstance(error, StoreError) else f"the database refused the write: {error}"
             for pending in batch:
-                pending.error = failure
+                pending.error = StoreError(reason)     # one each: every waiter raises its own
             return
         for pending, record in zip(batch, records):
             pending.record = record
