@@ -561,10 +561,11 @@ class Subscriber:
     of the last payload). A subscriber whose socket is full keeps no queue: it is skipped
     until it can write again, then catches up from its cursor.
     """
-    __slots__ = ("sock", "fd", "wants", "chunked", "cursor", "pending", "last_write", "stuck_since")
+    __slots__ = ("sock", "fd", "wants", "chunked", "encoding", "cursor", "pending", "last_write", "stuck_since")
 
     def __init__(self, sock, wants, chunked, cursor):
         self.sock, self.fd, self.wants, self.chunked, self.cursor = sock, sock.fileno(), wants, chunked, cursor
+        self.encoding = (wants, chunked)     # streams with equal encodings get the same bytes
         self.pending = None
         self.last_write = time.monotonic()
         self.stuck_since = None
@@ -686,10 +687,9 @@ class Fanout:
         for sub in list(self._subs.values()):
             if sub in self._behind:
                 continue      # it catches up from its cursor when its socket can take more
-            key = (sub.wants, sub.chunked)
-            payload = payloads.get(key)
+            payload = payloads.get(sub.encoding)
             if payload is None:
-                payload = payloads[key] = self._encode(frames, sub)
+                payload = payloads[sub.encoding] = self._encode(frames, sub)
             sub.cursor = last_id
             if payload:
                 self._send(sub, payload, now)

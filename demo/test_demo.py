@@ -20,6 +20,7 @@ import sys
 import tempfile
 import unittest
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -75,10 +76,12 @@ def unique_event(test):
     return f"{test._testMethodName}-{next(_counter)}"
 
 
-def call(url, method="GET", path="/", body=None):
+def call(url, method="GET", path="/", body=None, token=None):
     """One HTTP request to the broker: (status, decoded JSON)."""
     data = None if body is None else json.dumps(body).encode()
     headers = {} if body is None else {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url + path, data=data, method=method, headers=headers)
     try:
         with NO_PROXY.open(request, timeout=10) as response:
@@ -88,23 +91,36 @@ def call(url, method="GET", path="/", body=None):
             return err.code, json.loads(err.read())
 
 
-def publish(url, event, data):
+def publish(url, event, data, token=None):
     """POST /insert and return the record, as any other publisher would."""
-    status, record = call(url, "POST", "/insert", {"event": event, "data": data})
+    status, record = call(url, "POST", "/insert", {"event": event, "data": data}, token)
     assert status == 200, (status, record)
     return record
+
+
+def make_token(secret, publish=(), subscribe=()):
+    """A JWT for `broker.py --jwt-secret secret`, made as a user would: `broker.py token`."""
+    command = [sys.executable, str(BROKER_PY), "token", "--secret", secret]
+    command += [f"--publish={pattern}" for pattern in publish]
+    command += [f"--subscribe={pattern}" for pattern in subscribe]
+    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def with_query(path, **params):
+    """path with ?name=value (or &name=value) added, each value percent-encoded."""
+    return f"{path}{'&' if '?' in path else '?'}{urllib.parse.urlencode(params)}"
 
 
 class BrokerProcess:
     """`python broker.py --static demo` in a subprocess, which a test may stop and start again."""
 
-    def __init__(self, db, port=0):
-        self.db, self.port, self.process, self.url = db, port, None, None
+    def __init__(self, db, port=0, args=()):
+        self.db, self.port, self.args, self.process, self.url = db, port, list(args), None, None
 
     def start(self):
         """Start the broker and return once it has printed its `broker listening on` line."""
         command = [sys.executable, str(BROKER_PY), "--port", str(self.port), "--db", self.db,
-                   "--quiet", "--static", "demo"]
+                   "--quiet", "--static", "demo", *self.args]
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         with selectors.DefaultSelector() as selector:
             selector.register(self.process.stdout, selectors.EVENT_READ)
@@ -135,12 +151,13 @@ class BrowserTestCase(unittest.TestCase):
     """One fresh broker (its own database) and one browser context per class."""
 
     viewport = {"width": 1000, "height": 700}
+    broker_args = ()
 
     @classmethod
     def setUpClass(cls):
         folder = tempfile.TemporaryDirectory()
         cls.addClassCleanup(folder.cleanup)
-        cls.broker = BrokerProcess(os.path.join(folder.name, "broker.db")).start()
+        cls.broker = BrokerProcess(os.path.join(folder.name, "broker.db"), args=cls.broker_args).start()
         cls.addClassCleanup(cls.broker.stop)
         cls.context = browser.new_context(viewport=cls.viewport)
         cls.addClassCleanup(cls.context.close)
@@ -327,6 +344,123 @@ class InspectorTests(BrowserTestCase):
         expect(self.row(hidden)).to_be_hidden()
         self.page.get_by_label("Filter").fill("")
         expect(self.row(hidden)).to_be_visible()
+
+
+class TokenTests(BrowserTestCase):
+    """A broker started with --jwt-secret: the pages take their token from ?token=."""
+
+    SECRET = "demo-test-secret"
+    broker_args = ("--jwt-secret", SECRET)
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.admin = make_token(cls.SECRET, publish=["*"], subscribe=["*"])
+        cls.chat = make_token(cls.SECRET, publish=["chat.*"], subscribe=["chat.*"])
+        cls.user = make_token(cls.SECRET, publish=["user"], subscribe=["user"])
+        cls.user_reader = make_token(cls.SECRET, subscribe=["user"])
+
+    def open_with_token(self, path, token):
+        page = self.open(with_query(path, token=token))
+        self.addCleanup(self.assert_token_not_shown, page, token)
+        return page
+
+    def assert_token_not_shown(self, page, token):
+        if not page.is_closed():
+            self.assertNotIn(token, page.locator("body").text_content(), "the page shows its token")
+
+    def row(self, page, event):
+        return page.locator("#rows tr").filter(has=page.get_by_role("button", name=event, exact=True))
+
+    def insert(self, page, event, data_text):
+        page.get_by_label("Event name").fill(event)
+        page.get_by_label("Data (JSON)").fill(data_text)
+        page.get_by_role("button", name="Insert", exact=True).click()
+
+    def test_the_inspector_shows_only_the_events_its_token_allows(self):
+        page = self.open_with_token("/inspector.html", self.chat)
+        expect(page.locator("#status")).to_have_text("live")
+        publish(self.broker.url, "secret", {"pin": 1234}, self.admin)
+        record = publish(self.broker.url, "chat.room", {"text": "hello"}, self.admin)
+        # The stream is in id order: once chat.room is shown, secret (older) has been skipped.
+        expect(self.row(page, "chat.room").locator("td.num")).to_have_text(str(record["id"]))
+        expect(self.row(page, "secret")).to_have_count(0)
+
+        page.reload()                      # the sync, too, holds only what the token allows
+        expect(page.locator("#status")).to_have_text("live")
+        expect(self.row(page, "chat.room").locator("td.num")).to_have_text(str(record["id"]))
+        expect(self.row(page, "secret")).to_have_count(0)
+        self.assertNotIn("1234", page.locator("#rows").text_content())
+
+        self.row(page, "chat.room").get_by_role("button").click()     # GET /audit with the token
+        expect(page.locator("#history li pre")).to_have_text([json.dumps({"text": "hello"}, indent=2)])
+
+    def test_the_inspector_shows_the_brokers_message_for_a_forbidden_insert(self):
+        page = self.open_with_token("/inspector.html", self.chat)
+        expect(page.locator("#status")).to_have_text("live")
+        status, body = call(self.broker.url, "POST", "/insert", {"event": "secret", "data": {}}, self.chat)
+        self.assertEqual(status, 403)
+        self.insert(page, "secret", "{}")
+        expect(page.locator("#insert-message")).to_have_text(f"The broker refused it: {body['error']}")
+
+        self.insert(page, "chat.lobby", '{"text": "hi"}')
+        expect(page.locator("#insert-message")).to_contain_text("Inserted chat.lobby as id ")
+        expect(self.row(page, "chat.lobby").locator("td.data")).to_have_text(json.dumps({"text": "hi"}, indent=2))
+
+    def test_the_inspector_links_to_the_demo_with_the_same_broker_and_token(self):
+        page = self.open_with_token(with_query("/inspector.html", broker=self.broker.url), self.chat)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(page.locator("#demo").get_attribute("href")).query)
+        self.assertEqual(query, {"broker": [self.broker.url], "token": [self.chat]})
+
+    def test_the_inspector_without_a_token_says_it_is_not_allowed(self):
+        page = self.open("/inspector.html")
+        status, body = call(self.broker.url, path="/events")
+        self.assertEqual(status, 401)
+        expect(page.locator("#status")).to_have_text("not allowed")
+        expect(page.locator("#notice")).to_contain_text(f"The broker refused the stream: {body['error']}.")
+
+    def test_the_inspector_with_a_token_signed_by_another_secret_says_why(self):
+        forged = make_token("another secret", subscribe=["*"])
+        page = self.open_with_token("/inspector.html", forged)
+        expect(page.locator("#status")).to_have_text("not allowed")
+        expect(page.locator("#notice")).to_have_text(
+            "The broker refused the stream: the bearer token is not valid: signature does not match.")
+
+    def test_a_name_typed_in_one_window_shows_in_another_with_the_same_token(self):
+        first = self.open_with_token("/index.html", self.user)
+        second = self.open_with_token("/index.html", self.user)
+        expect(second.locator("#status")).to_have_text("live")
+        name = f"Barbara {next(_counter)}"
+        first.get_by_label("Your name").press_sequentially(name, delay=10)
+        expect(second.locator("#name")).to_have_text(name, timeout=SHOWN)
+        expect(first.locator("#error")).to_have_text("")
+        self.assertEqual(call(self.broker.url, path="/audit/user", token=self.admin)[1].popitem()[1], {"user": name})
+        second.reload()
+        expect(second.locator("#name")).to_have_text(name, timeout=SHOWN)
+
+    def test_a_token_that_may_only_subscribe_shows_the_brokers_message_when_typing(self):
+        publish(self.broker.url, "user", {"user": "Frances"}, self.admin)
+        page = self.open_with_token("/index.html", self.user_reader)
+        expect(page.locator("#status")).to_have_text("live")
+        expect(page.locator("#name")).to_have_text("Frances", timeout=SHOWN)
+        status, body = call(self.broker.url, "POST", "/insert", {"event": "user", "data": {}}, self.user_reader)
+        self.assertEqual(status, 403)
+        page.get_by_label("Your name").fill("Mallory")
+        expect(page.locator("#error")).to_have_text(f"The broker refused the name: {body['error']}")
+        expect(page.locator("#name")).to_have_text("Frances")
+
+    def test_a_stream_refused_to_the_name_demo_says_it_is_not_allowed(self):
+        page = self.open_with_token("/index.html", self.chat)       # chat.* only: not "user"
+        status, body = call(self.broker.url, path=with_query("/events", event="user", access_token=self.chat))
+        self.assertEqual(status, 403)
+        expect(page.locator("#status")).to_have_text("not allowed")
+        expect(page.locator("#notice")).to_have_text(f"The broker refused the stream: {body['error']}.")
+
+    def test_the_name_demo_links_to_the_inspector_with_the_same_token(self):
+        page = self.open_with_token("/index.html", self.user)
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(page.locator("#inspector").get_attribute("href")).query)
+        self.assertEqual(query, {"token": [self.user]})
+
 
 class ScreenshotTests(BrowserTestCase):
     """The pictures in the README, taken from a broker holding a few plausible events."""
