@@ -23,6 +23,7 @@ import hmac
 import http.client
 import http.server
 import json
+import math
 import mimetypes
 import os
 import re
@@ -91,7 +92,7 @@ MAX_FILTERS = 100          # ?event= values per stream (SQLite binds each one)
 MAX_EVENT_NAME = 255
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 LINE_END = re.compile("\r\n|\r|\n")
-TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s\"]*")
+TOKEN_IN_URL = re.compile(r"((?:access_)?token=)[^&\s\"]*")     # ?token= is the demo pages' own
 INVALID_TOKEN = 'Bearer error="invalid_token"'
 NOTHING = re.compile("(?!)")       # the regex of a token that allows no event
 NOT_FINITE = "NaN and Infinity are not valid JSON (browsers cannot parse them)"
@@ -205,7 +206,7 @@ def same_secret(given, expected):
 
 
 def patterns_regex(patterns):
-    """One regex for a list of shell-style patterns (* and ?); an empty list matches nothing."""
+    """One regex for a list of shell-style patterns (*, ? and [...]); an empty list matches nothing."""
     if not patterns:
         return NOTHING
     return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))
@@ -252,7 +253,7 @@ def verify_jwt(token, secret, now=None):
     if not isinstance(claims, dict):
         raise refuse("claims are not an object")
     now = time.time() if now is None else now
-    if not isinstance(claims.get("exp", 0), (int, float)) or not isinstance(claims.get("nbf", 0), (int, float)):
+    if not all(is_finite_number(claims.get(name, 0)) for name in ("exp", "nbf")):
         raise refuse("exp and nbf must be numbers")
     if "exp" in claims and now >= claims["exp"]:
         raise refuse("it has expired")
@@ -260,6 +261,10 @@ def verify_jwt(token, secret, now=None):
         raise refuse("it is not valid yet")
     grants = claims.get("broker")
     return {action: granted_patterns(grants, action) for action in ("publish", "subscribe")}
+
+
+def is_finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def granted_patterns(grants, action):
@@ -874,8 +879,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Parses a request, routes it to one method per endpoint, and writes the bytes."""
 
     protocol_version = "HTTP/1.1"          # chunked streams and keep-alive need it
+    disable_nagle_algorithm = True         # else a small reply waits for the client's delayed ACK
     default_request_version = "HTTP/1.0"   # a reply to a garbled request line keeps its status line
     server_version = "broker.py"
+    _date = (0, "")                        # (second, Date header): shared, replaced whole
     ROUTES = {
         "/insert": {"POST": "post_insert"},
         "/events": {"GET": "get_events"},
@@ -1151,6 +1158,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with open(path, "rb") as file:
             self._send_bytes(200, file.read(), content_type)
 
+    def date_time_string(self, timestamp=None):
+        # The base class formats the Date header anew for every response; once a second will do.
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        cached = Handler._date
+        if cached[0] != second:
+            cached = Handler._date = (second, super().date_time_string(second))
+        return cached[1]
+
     def send_response(self, code, message=None):
         super().send_response(code, message)
         origin = self.server.broker.origin
@@ -1174,9 +1191,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self._headers_buffer.append(b"\r\n" + body)     # one write: head and body together
+            self._headers_sent = True
+            self.flush_headers()
+        else:
+            self.end_headers()
 
     def end_headers(self):
         super().end_headers()

@@ -652,6 +652,7 @@ class JwtTests(unittest.TestCase):
             ("alg none", sign(publish_all, self.SECRET, alg="none"), "alg must be HS256"),
             ("alg none, unsigned", sign(publish_all, self.SECRET, alg="none").rsplit(".", 1)[0] + ".", "alg must be HS256"),
             ("alg HS512", sign(publish_all, self.SECRET, alg="HS512"), "alg must be HS256"),
+            ("exp NaN", sign({**publish_all, "exp": float("nan")}, self.SECRET), "exp and nbf must be numbers"),
             ("garbage", "not.a.jwt", "not a JWT"),
             ("two parts", "abc.def", "not a JWT"),
         ]
@@ -1366,12 +1367,17 @@ class CommandLineTests(unittest.TestCase):
         parts = urllib.parse.urlsplit(url)
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
         connection.request("GET", "/audit/user?access_token=tok-12345&limit=1")
-        self.assertEqual(connection.getresponse().status, 200)
+        response = connection.getresponse()
+        response.read()
+        self.assertEqual(response.status, 200)
+        connection.request("GET", "/index.html?token=tok-12345")
+        connection.getresponse().read()
         connection.close()
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(timeout=5), 0)
         log = process.stderr.read().decode()
         self.assertIn("/audit/user?access_token=[redacted]&limit=1", log)
+        self.assertIn("/index.html?token=[redacted]", log)
         self.assertNotIn("tok-12345", log)
 
     def test_environment_sets_options_and_flags_win(self):
