@@ -864,6 +864,8 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address, broker):
         self.broker = broker
         self.watchdog = Watchdog(broker.request_timeout)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
 
     def handle_error(self, request, client_address):
@@ -927,11 +929,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             self._route()()
         except RequestError as error:
-            if self._body_unread():
-                self.close_connection = True     # its bytes would be read as the next request
-            self._send_json(error.status, {"error": error.message}, error.headers)
+            self._refuse(error.status, error.message, error.headers)
         except StoreError as error:
-            self._send_json(503, {"error": str(error)})
+            self._refuse(503, str(error))
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True      # the client went away: normal, end quietly
         except Exception:
@@ -939,6 +939,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             if not self._headers_sent:
                 self._send_json(500, {"error": "internal error"})
+
+    def _refuse(self, status, message, headers=()):
+        if self._headers_sent:
+            self.close_connection = True         # mid-response: ending it is all that is left
+            return
+        if self._body_unread():
+            self.close_connection = True         # its bytes would be read as the next request
+        self._send_json(status, {"error": message}, headers)
 
     def _body_unread(self):
         length = self.headers.get("Content-Length", "0").strip()
@@ -1318,7 +1326,7 @@ class Broker:
     @property
     def url(self):
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def publish(self, event, data):
         """Store and broadcast a record, exactly as POST /insert does; return the record."""

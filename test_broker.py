@@ -1248,6 +1248,15 @@ class EmbeddingTests(unittest.TestCase):
         with self.assertRaises(EOFError):
             stream.read_block()
 
+    def test_ipv6_host_gets_a_bracketed_url(self):
+        try:
+            embedded = Broker(host="::1", db=":memory:", port=0, quiet=True).start()
+        except OSError as error:
+            self.skipTest(f"no IPv6 loopback here: {error}")
+        self.addCleanup(embedded.stop)
+        self.assertRegex(embedded.url, r"^http://\[::1\]:\d+$")
+        self.assertEqual(broker.publish_to(embedded.url, "six", 6)["data"], 6)
+
     def test_unknown_option_is_a_type_error(self):
         with self.assertRaises(TypeError):
             Broker(colour="blue")
