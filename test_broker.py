@@ -397,6 +397,16 @@ class EventsTests(unittest.TestCase):
         self.assertEqual(len(events), len(set(events)))
         self.assertEqual([r["id"] for r in records], sorted(r["id"] for r in records))
 
+    def test_full_sync_is_fresh_after_every_insert(self):
+        name = unique_event(self)
+        for n in range(3):
+            self.broker.publish(name, n)
+            for _ in range(2):              # the second stream is served the shared sync
+                with EventStream(self.broker) as stream:
+                    records, cursor = stream.read_sync()
+                self.assertEqual({r["event"]: r["data"] for r in records}[name], n)
+                self.assertEqual(cursor, self.broker.hub.newest)
+
     def test_filter_limits_sync_and_live(self):
         wanted, other = unique_event(self), unique_event(self)
         self.broker.publish(other, 0)
