@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PORT ?= 8080
 
-.PHONY: run test insert token demo test-browser test-proxy bench clean
+.PHONY: run test insert token demo test-browser test-proxy bench bench-full clean
 
 run:
 	$(PYTHON) broker.py --port $(PORT)
@@ -34,8 +34,13 @@ test-proxy:
 	sh deploy/install-nginx.sh
 	$(PYTHON) -m unittest -v deploy/test_nginx.py
 
+BENCH_ARGS ?=
+
 bench:
-	$(PYTHON) bench_broker.py --quick
+	$(PYTHON) bench_broker.py --quick $(BENCH_ARGS)
+
+bench-full:
+	$(PYTHON) bench_broker.py --json tmp/bench-full.json $(BENCH_ARGS)
 
 clean:
 	rm -rf tmp __pycache__ demo/__pycache__ deploy/__pycache__

@@ -1,0 +1,1546 @@
+#!/usr/bin/env python3
+"""bench_broker.py - load benchmark for broker.py, measured beside a minimal epoll "floor" server.
+
+    python bench_broker.py --quick                    # every scenario, small sizes, under 2 minutes
+    python bench_broker.py                            # the full run, about 15 minutes
+    python bench_broker.py --scenarios fanout,insert --subscribers 1000 --repeat 3
+    python bench_broker.py --servers floor            # the harness alone, without broker.py
+
+Starts `python broker.py --port 0 --db <temp file> --quiet` and the floor (this file with
+--serve-floor, same flags), drives each from separate client processes over non-blocking loopback
+sockets, runs them interleaved (broker, floor, broker, floor, ...) and prints one table per scenario
+with broker / floor ratios beside the targets; --json keeps the same tables. On a shared, noisy
+2-core machine only the ratios and the CPU-per-operation figures mean much.
+Only 127.0.0.1 is ever contacted. Linux (epoll, /proc), Python 3.9+, standard library only.
+"""
+import argparse
+import array
+import ctypes
+import errno
+import json
+import multiprocessing
+import os
+import re
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HOST = "127.0.0.1"                 # loopback only: nothing here ever talks to another address
+HERE = os.path.dirname(os.path.abspath(__file__))
+TICKS = os.sysconf("SC_CLK_TCK")
+LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+CROWD_RATE = 5.0                   # records per second in the crowd scenario
+CONNECT_EVENTS = 100               # distinct events stored before the connect scenario
+SERVERS = ("broker", "floor")
+SENT = re.compile(rb'"sent":\s*(\d+)')
+
+# Sizes per mode; a flag given on the command line wins over both columns.
+#   flag                    quick       full         help
+SIZES = [
+    ("subscribers",          "300,1000", "1000,3000", "fanout: idle subscriber counts, comma-separated"),
+    ("records",              30,         60,          "fanout: records published per run"),
+    ("rate",                 20.0,       20.0,        "fanout: records per second"),
+    ("crowd",                2000,       10000,       "crowd: subscribers connected at once"),
+    ("crowd_records",        10,         25,          f"crowd: records published at {CROWD_RATE:g}/s"),
+    ("throughput_seconds",   2.0,        3.0,         "throughput: seconds of closed-loop publishing"),
+    ("memory_subscribers",   "500,1000", "1000,3000", "memory: subscriber counts, comma-separated"),
+    ("connect_subscribers",  1000,       1000,        "connect: subscribers syncing at once"),
+    ("insert_seconds",       1.5,        3.0,         "insert: seconds per publisher count"),
+    ("history_versions",     20000,      1000000,     "history: versions of one event to load"),
+    ("history_events",       5000,       100000,      "history: distinct events to load"),
+    ("history_load_seconds", 30.0,       420.0,       "history: stop loading after this long"),
+    ("repeat",               1,          2,           "runs per server, interleaved broker, floor, ..."),
+]
+SCENARIOS = ("fanout", "crowd", "throughput", "memory", "connect", "insert", "history")
+
+
+# --- small helpers: statistics, /proc, limits -----------------------------------------------------
+
+def percentile(sorted_values, fraction):
+    """Nearest-rank percentile of an already sorted sequence; None when it is empty."""
+    if not sorted_values:
+        return None
+    rank = max(1, round(fraction * len(sorted_values) + 0.5))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def latency_summary(nanoseconds):
+    """p50, p99 and max of latencies given in ns, as milliseconds."""
+    ordered = [ns / 1e6 for ns in sorted(nanoseconds)]
+    return {"p50_ms": percentile(ordered, 0.50), "p99_ms": percentile(ordered, 0.99),
+            "max_ms": ordered[-1] if ordered else None}
+
+
+def per(total, count, scale=1.0):
+    return None if not count else total * scale / count
+
+
+def cpu_seconds(pid):
+    """utime + stime of every thread of pid, dead or alive, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as file:
+        stat = file.read()
+    fields = stat[stat.rindex(b")") + 2:].split()     # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def runqueue_seconds(pid):
+    """Time pid's live threads spent runnable but waiting for a CPU: how busy the machine was."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as file:
+                total += int(file.read().split()[1])
+        except (OSError, IndexError):
+            pass                       # the thread ended meanwhile
+    return total / 1e9
+
+
+class Meter:
+    """A server's CPU time and run-queue wait from creation to read()."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.cpu, self.waited = cpu_seconds(pid), runqueue_seconds(pid)
+
+    def read(self):
+        """(CPU seconds used, seconds spent waiting for a CPU) since the meter was made."""
+        return cpu_seconds(self.pid) - self.cpu, runqueue_seconds(self.pid) - self.waited
+
+
+def memory_kib(pid, field):
+    """A /proc/<pid>/status figure in KiB: VmRSS now, VmHWM the peak."""
+    with open(f"/proc/{pid}/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def reset_peak_memory(pid):
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux 4.0+), so a peak is per step.
+    with open(f"/proc/{pid}/clear_refs", "w") as file:
+        file.write("5")
+
+
+def own_cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+def raise_open_file_limit():
+    # Each subscriber is an open socket, on both sides: allow as many as the hard limit does.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+PRCTL = getattr(ctypes.CDLL(None), "prctl", None)
+PR_SET_PDEATHSIG = 1
+
+
+def prepare_server_process():
+    """preexec_fn for servers: more open files, and die with the benchmark even if it is killed."""
+    raise_open_file_limit()
+    if PRCTL is not None:
+        PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def split_evenly(total, parts):
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- HTTP on raw sockets ----------------------------------------------------------------------------
+
+class Dechunker:
+    """Incremental chunked transfer-encoding decoder: raw bytes in, body bytes out."""
+
+    def __init__(self):
+        self.raw = b""        # an incomplete chunk-size line kept for the next feed
+        self.left = 0         # bytes the current chunk still owes, its trailing CRLF included
+        self.done = False     # the zero-size chunk was seen
+
+    def feed(self, data):
+        raw = self.raw + data if self.raw else data
+        pos, body = 0, []
+        while pos < len(raw) and not self.done:
+            if self.left == 0:
+                eol = raw.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                size = int(raw[pos:eol].split(b";", 1)[0], 16)
+                pos = eol + 2
+                self.done = size == 0
+                self.left = size + 2 if size else 0
+                continue
+            take = min(self.left, len(raw) - pos)
+            payload = min(take, max(self.left - 2, 0))  # the last 2 bytes owed are the CRLF
+            body.append(raw[pos:pos + payload])
+            pos += take
+            self.left -= take
+        self.raw = raw[pos:]
+        return b"".join(body)
+
+
+class StreamReader:
+    """One HTTP response as it arrives: the head, then the body de-chunked and split into SSE messages."""
+
+    def __init__(self):
+        self.head = b""
+        self.status = None
+        self.dechunker = None     # None for a body that is not chunked
+        self.text = b""
+
+    def feed_body(self, data):
+        """Return the body bytes, de-chunked, that data carried."""
+        if self.status is None:
+            data = self._take_head(data)
+            if self.status is None:
+                return b""
+        return self.dechunker.feed(data) if self.dechunker else data
+
+    def feed(self, data):
+        """Return the complete SSE messages (bytes, without the blank line) that data finished."""
+        self.text += self.feed_body(data)
+        if b"\n\n" not in self.text:
+            return []
+        *messages, self.text = self.text.split(b"\n\n")
+        return messages
+
+    def _take_head(self, data):
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            return b""
+        head, rest = self.head[:end].decode("latin-1"), self.head[end + 4:]
+        self.status = int(head.split(" ", 2)[1])
+        if re.search(r"\r\ntransfer-encoding:[^\r]*chunked", head, re.IGNORECASE):
+            self.dechunker = Dechunker()
+        return rest
+
+
+def sse_fields(message):
+    """(id, data) of one SSE message; None where absent. Comment lines (':') are skipped."""
+    if message.startswith(b"id: "):          # fast path for the usual id/event/data shape
+        lines = message.split(b"\n")
+        if len(lines) == 3 and lines[1].startswith(b"event: ") and lines[2].startswith(b"data: "):
+            return int(lines[0][4:]), lines[2][6:]
+    ident = data = None
+    for line in message.split(b"\n"):
+        name, _, value = line.partition(b":")
+        if value.startswith(b" "):
+            value = value[1:]
+        if name == b"id":
+            ident = int(value)
+        elif name == b"data":
+            data = value if data is None else data + b"\n" + value
+    return ident, data
+
+
+def split_response(buf):
+    """(status, body, rest) for a complete Content-Length response at the start of buf, else None."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buf[:end].decode("latin-1")
+    length = re.search(r"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+    if length is None:
+        raise ValueError(f"response without Content-Length: {head.splitlines()[0]}")
+    stop = end + 4 + int(length.group(1))
+    if len(buf) < stop:
+        return None
+    return int(head.split(" ", 2)[1]), buf[end + 4:stop], buf[stop:]
+
+
+def insert_request(port, event, seq):
+    # The send time rides in the record, so any subscriber can compute its own latency.
+    body = json.dumps({"event": event, "data": {"sent": time.time_ns(), "seq": seq}}).encode()
+    return (b"POST /insert HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (HOST.encode(), port, len(body), body))
+
+
+# --- the floor server -------------------------------------------------------------------------------
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+class FloorConnection:
+    __slots__ = ("sock", "fd", "rbuf", "out", "streaming")
+
+    def __init__(self, sock):
+        self.sock, self.fd = sock, sock.fileno()
+        self.rbuf = self.out = b""
+        self.streaming = False
+
+
+class Floor:
+    """The floor: the least work an SSE broadcaster can do. One epoll loop, frames encoded once,
+    no database, no threads; what broker.py is compared with. Everything belongs to serve()."""
+
+    def __init__(self, port):
+        self.listener = socket.create_server((HOST, port), backlog=4096)
+        self.listener.setblocking(False)
+        self.epoll = select.epoll()
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self.connections = {}     # fd -> FloorConnection, every accepted socket
+        self.subscribers = {}     # fd -> FloorConnection streaming /events
+        self.latest = {}          # event -> (id, frame): what a new subscriber is sent first
+        self.last_id = 0
+        self.stopping = False     # set by the SIGTERM handler; serve() notices within 0.2 s
+
+    @property
+    def port(self):
+        return self.listener.getsockname()[1]
+
+    def serve(self):
+        listener = self.listener.fileno()
+        while not self.stopping:
+            for fd, mask in self.epoll.poll(0.2):
+                if fd == listener:
+                    self.accept()
+                elif fd in self.connections:
+                    self.on_ready(self.connections[fd], mask)
+        for connection in list(self.connections.values()):
+            self.close(connection)
+
+    def accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection = FloorConnection(sock)
+            self.connections[connection.fd] = connection
+            self.epoll.register(connection.fd, select.EPOLLIN)
+
+    def on_ready(self, connection, mask):
+        if mask & select.EPOLLOUT:
+            self.flush(connection)
+        if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            try:
+                data = connection.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close(connection)
+            elif not connection.streaming:
+                connection.rbuf += data
+                self.serve_requests(connection)
+
+    def serve_requests(self, connection):
+        while not connection.streaming and connection.fd in self.connections:
+            end = connection.rbuf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = connection.rbuf[:end].decode("latin-1")
+            length = re.search(r"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+            stop = end + 4 + (int(length.group(1)) if length else 0)
+            if len(connection.rbuf) < stop:
+                return
+            body, connection.rbuf = connection.rbuf[end + 4:stop], connection.rbuf[stop:]
+            method, target = head.split(" ", 2)[:2]
+            self.route(connection, method, target.split("?", 1)[0], body)
+
+    def route(self, connection, method, path, body):
+        if (method, path) == ("POST", "/insert"):
+            self.insert(connection, body)
+        elif (method, path) == ("GET", "/events"):
+            self.subscribe(connection)
+        elif (method, path) == ("GET", "/healthz"):
+            self.reply(connection, 200, b'{"status":"ok","subscribers":%d,"last_id":%d}'
+                       % (len(self.subscribers), self.last_id))
+        else:
+            self.reply(connection, 404, b'{"error":"the floor has no such endpoint"}')
+
+    def insert(self, connection, body):
+        try:
+            message = json.loads(body)
+            event, data = message["event"], json.dumps(message["data"], separators=(",", ":")).encode()
+        except (ValueError, KeyError, TypeError):
+            self.reply(connection, 400, b'{"error":"body must be {\\"event\\": ..., \\"data\\": ...}"}')
+            return
+        self.last_id += 1
+        self.reply(connection, 200, b'{"id":%d,"event":%s,"timestamp":%d,"data":%s}' % (
+            self.last_id, json.dumps(event).encode(), time.time_ns() // 1000, data))
+        frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.last_id, event.encode(), data)
+        self.latest[event] = (self.last_id, frame)
+        self.broadcast(b"%x\r\n%s\r\n" % (len(frame), frame))
+
+    def subscribe(self, connection):
+        connection.streaming = True
+        self.subscribers[connection.fd] = connection
+        frames = b"".join(frame for _, frame in sorted(self.latest.values()))
+        sync = b"retry: 3000\n\n%sid: %d\n\n" % (frames, self.last_id)
+        self.send(connection, SSE_HEAD + b"%x\r\n%s\r\n" % (len(sync), sync))
+
+    def reply(self, connection, status, body):
+        reason = b"OK" if status == 200 else b"Error"
+        self.send(connection, b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (status, reason, len(body), body))
+
+    def broadcast(self, payload):
+        for connection in list(self.subscribers.values()):
+            self.send(connection, payload)
+
+    def send(self, connection, payload):
+        if connection.out:                     # already waiting for EPOLLOUT: keep the order
+            connection.out += payload
+            return
+        try:
+            sent = connection.sock.send(payload)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close(connection)
+            return
+        if sent < len(payload):
+            connection.out = payload[sent:]
+            self.epoll.modify(connection.fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def flush(self, connection):
+        try:
+            sent = connection.sock.send(connection.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close(connection)
+            return
+        connection.out = connection.out[sent:]
+        if not connection.out:
+            self.epoll.modify(connection.fd, select.EPOLLIN)
+
+    def close(self, connection):
+        if self.connections.pop(connection.fd, None) is None:
+            return
+        self.subscribers.pop(connection.fd, None)
+        self.epoll.unregister(connection.fd)
+        connection.sock.close()
+
+
+def floor_main(argv):
+    """`bench_broker.py --serve-floor --port 0 --db FILE --quiet`: the same shape as broker.py's."""
+    parser = argparse.ArgumentParser(prog="bench_broker.py --serve-floor")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--db", default="(none)", help="ignored: the floor keeps nothing")
+    parser.add_argument("--heartbeat", type=float, help="ignored: the floor sends no heartbeats")
+    parser.add_argument("--quiet", action="store_true", help="ignored: the floor never logs")
+    args, _ = parser.parse_known_args(argv)
+    floor = Floor(args.port)
+
+    def stop(*_):
+        floor.stopping = True
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"floor listening on http://{HOST}:{floor.port} (db {args.db})", flush=True)
+    floor.serve()
+    return 0
+
+
+# --- servers under test ------------------------------------------------------------------------------
+
+class ServerProcess:
+    """One server under test (broker.py or the floor) in its own process, read through /proc."""
+
+    live = set()      # started and not yet stopped: cleanup() kills these on any exit
+
+    def __init__(self, kind, command, workdir):
+        self.kind, self.command, self.workdir = kind, command, workdir
+        self.process = self.port = None
+        self.exit_code = self.stop_seconds = None
+
+    def start(self, timeout=20.0):
+        self.stdout = open(os.path.join(self.workdir, f"{self.kind}.out"), "w+")
+        self.stderr = open(os.path.join(self.workdir, f"{self.kind}.err"), "w+")
+        self.process = subprocess.Popen(self.command, stdout=self.stdout, stderr=self.stderr,
+                                        stdin=subprocess.DEVNULL, preexec_fn=prepare_server_process)
+        ServerProcess.live.add(self)
+        deadline = time.monotonic() + timeout
+        while self.port is None:
+            self.stdout.seek(0)
+            found = LISTENING.search(self.stdout.read())
+            if found:
+                self.port = int(found.group(1))
+            elif self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"{self.kind} did not start: {' '.join(self.command)}\n{self.stderr_tail()}")
+            else:
+                time.sleep(0.02)
+        return self
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def cpu_seconds(self):
+        return cpu_seconds(self.pid)
+
+    def rss_kib(self):
+        return memory_kib(self.pid, "VmRSS")
+
+    def peak_kib(self):
+        return memory_kib(self.pid, "VmHWM")
+
+    def reset_peak(self):
+        reset_peak_memory(self.pid)
+
+    def stop(self, timeout=15.0):
+        """SIGTERM, and SIGKILL if it has not exited within timeout; records how it went."""
+        if self.process is None or self.exit_code is not None:
+            return
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.exit_code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.exit_code = "killed"
+        self.stop_seconds = time.monotonic() - started
+        ServerProcess.live.discard(self)
+        errors = self.stderr_tail()          # a traceback from the server is worth seeing at once
+        if self.exit_code != 0 or self.stop_seconds > 2 or errors:
+            log(f"  ! {self.kind} exited with {self.exit_code}, {self.stop_seconds:.1f} s after SIGTERM"
+                f"\n{errors}")
+        self.stdout.close()
+        self.stderr.close()
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        ServerProcess.live.discard(self)
+
+    def stderr_tail(self, lines=15):
+        self.stderr.seek(0)
+        return "".join(self.stderr.readlines()[-lines:])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+# --- client processes ---------------------------------------------------------------------------------
+
+FORK = multiprocessing.get_context("fork")     # clients inherit everything; no pickling of setup
+
+
+class ClientProcess:
+    """A client function run in its own process; it and the parent talk over a Pipe."""
+
+    live = set()
+
+    def __init__(self, function, **kwargs):
+        self.pipe, child_end = FORK.Pipe()
+        self.process = FORK.Process(target=run_client, args=(child_end, function, kwargs), daemon=True)
+        self.process.start()
+        child_end.close()
+        ClientProcess.live.add(self)
+
+    def send(self, message):
+        self.pipe.send(message)
+
+    def receive(self, timeout):
+        if not self.pipe.poll(timeout):
+            raise TimeoutError(f"a client process gave no answer within {timeout:.0f} s")
+        try:
+            message = self.pipe.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"a client process died without answering "
+                               f"(exit code {self.process.exitcode})") from None
+        if isinstance(message, dict) and "error" in message:
+            raise RuntimeError(f"client process failed:\n{message['error']}")
+        return message
+
+    def finish(self, timeout=10.0):
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        ClientProcess.live.discard(self)
+
+
+def run_client(pipe, function, kwargs):
+    try:
+        raise_open_file_limit()
+        function(pipe, **kwargs)
+    except KeyboardInterrupt:
+        pass
+    except BaseException:
+        try:
+            pipe.send({"error": traceback.format_exc()})
+        except OSError:
+            pass
+
+
+def run_in_client(function, timeout, **kwargs):
+    """Run function(pipe, **kwargs) in a client process and return the one answer it sends."""
+    client = ClientProcess(function, **kwargs)
+    try:
+        return client.receive(timeout)
+    finally:
+        client.finish()
+
+
+class Subscriber:
+    """One /events stream as a client sees it: when it started, synced, and every live frame."""
+    __slots__ = ("sock", "reader", "started", "synced", "sync_id", "sync_frames",
+                 "ids", "latencies", "last_id", "closed")
+
+    def __init__(self):
+        self.sock = self.reader = self.sync_id = None
+        self.started = self.synced = 0.0
+        self.sync_frames = 0
+        self.ids = array.array("q")
+        self.latencies = array.array("q")     # ns from the publisher's send to this receive, -1 unknown
+        self.last_id = 0
+        self.closed = None                    # why the stream ended early, if it did
+
+
+class SubscriberClient:
+    """Many /events streams in one process and one epoll loop; connects at most `inflight` at a time."""
+
+    def __init__(self, port, count, inflight, path):
+        self.address = (HOST, port)
+        self.request = b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n\r\n" % (
+            path.encode(), HOST.encode(), port)
+        self.subs = [Subscriber() for _ in range(count)]
+        self.waiting = list(reversed(self.subs))    # not yet connecting
+        self.inflight_limit = inflight
+        self.inflight = 0
+        self.unsettled = count                      # neither synced nor failed
+        self.streaming = 0                          # synced and still open
+        self.by_fd = {}
+        self.epoll = select.epoll()
+        self.target = float("inf")                  # a stream is done once it has seen this id
+        self.done = 0
+        self.last_frame_ns = 0
+
+    def open_more(self):
+        while self.waiting and self.inflight < self.inflight_limit:
+            sub = self.waiting.pop()
+            sub.started = time.time()
+            sub.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sub.sock.setblocking(False)
+            self.inflight += 1
+            error = sub.sock.connect_ex(self.address)
+            if error not in (0, errno.EINPROGRESS):
+                self.fail(sub, f"connect: {errno.errorcode.get(error, error)}")
+                continue
+            self.by_fd[sub.sock.fileno()] = sub
+            self.epoll.register(sub.sock.fileno(), select.EPOLLOUT)
+
+    def poll(self, timeout):
+        events = self.epoll.poll(timeout)
+        now_ns = time.time_ns()        # one clock read per wake-up: the data was ready by then
+        for fd, _mask in events:
+            sub = self.by_fd.get(fd)
+            if sub is None:
+                continue
+            if sub.reader is None:
+                self.send_request(sub)
+            else:
+                self.read(sub, now_ns)
+
+    def send_request(self, sub):
+        error = sub.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            self.fail(sub, f"connect: {errno.errorcode.get(error, error)}")
+            return
+        try:
+            sub.sock.send(self.request)
+        except OSError as error:
+            self.fail(sub, f"send: {error.strerror}")
+            return
+        sub.reader = StreamReader()
+        self.epoll.modify(sub.sock.fileno(), select.EPOLLIN)
+
+    def read(self, sub, now_ns):
+        try:
+            data = sub.sock.recv(262144)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            data, reason = b"", f"recv: {error.strerror}"
+        else:
+            reason = "closed by the server"
+        if not data:
+            self.fail(sub, reason)
+            return
+        for message in sub.reader.feed(data):
+            self.on_message(sub, message, now_ns)
+        if sub.reader.status not in (None, 200):
+            self.fail(sub, f"status {sub.reader.status}")
+
+    def on_message(self, sub, message, now_ns):
+        ident, data = sse_fields(message)
+        if sub.sync_id is None:
+            if data is not None:
+                sub.sync_frames += 1
+            elif ident is not None:                  # the id-only block: the sync is complete
+                sub.sync_id, sub.synced = ident, time.time()
+                self.inflight -= 1
+                self.unsettled -= 1
+                self.streaming += 1
+            return
+        if data is None:
+            return                                   # a heartbeat comment
+        sent = SENT.search(data)           # a regex, not json.loads: the client must stay cheap
+        sent = int(sent.group(1)) if sent else -1
+        sub.ids.append(ident)
+        sub.latencies.append(now_ns - sent if sent > 0 else -1)
+        self.last_frame_ns = now_ns
+        if sub.last_id < self.target <= ident:
+            self.done += 1
+        sub.last_id = max(sub.last_id, ident)
+
+    def fail(self, sub, reason):
+        if sub.sock is not None and sub.sock.fileno() in self.by_fd:
+            self.epoll.unregister(sub.sock.fileno())
+            del self.by_fd[sub.sock.fileno()]
+        if sub.sock is not None:
+            sub.sock.close()
+        if sub.closed is None:
+            sub.closed = reason
+            if sub.sync_id is None:
+                self.inflight -= 1
+                self.unsettled -= 1
+            else:
+                self.streaming -= 1
+
+    def expect(self, last_id):
+        """From now on count streams that have seen last_id (or beyond)."""
+        self.target = last_id
+        self.done = sum(1 for sub in self.subs if sub.last_id >= last_id)
+
+    def close(self):
+        for sub in self.subs:
+            if sub.sock is not None:
+                sub.sock.close()
+        self.epoll.close()
+
+
+def subscriber_worker(pipe, port, count, inflight, path, sync_timeout):
+    """Client process: open `count` streams, report once they are synced, record live frames
+    until the parent says which ids to expect, then report what arrived."""
+    client = SubscriberClient(port, count, inflight, path)
+    pipe.send("ready")
+    if not pipe.poll(30):
+        return
+    pipe.recv()                                       # "go": every worker starts together
+    cpu, started = own_cpu_seconds(), time.time()
+    deadline = time.monotonic() + sync_timeout
+    while client.unsettled and time.monotonic() < deadline:
+        client.open_more()
+        client.poll(0.05)
+    pipe.send(sync_report(client, own_cpu_seconds() - cpu, time.time() - started))
+    cpu, started = own_cpu_seconds(), time.time()
+    command = wait_for_command(client, pipe, deadline=time.monotonic() + 600)
+    if command is None or command[0] != "expect":
+        client.close()
+        return
+    _, expected_ids, grace = command
+    client.expect(max(expected_ids, default=0))
+    deadline = time.monotonic() + grace
+    while client.done < client.streaming and time.monotonic() < deadline:
+        client.poll(0.05)
+    pipe.send(live_report(client, expected_ids, own_cpu_seconds() - cpu, time.time() - started))
+    client.close()
+
+
+def wait_for_command(client, pipe, deadline):
+    """Keep reading the streams until the parent sends a command (or goes away)."""
+    while time.monotonic() < deadline:
+        if pipe.poll():
+            try:
+                return pipe.recv()
+            except EOFError:
+                return None
+        client.poll(0.02)
+    return None
+
+
+def sync_report(client, cpu, wall):
+    synced = [sub for sub in client.subs if sub.sync_id is not None]
+    failures = {}
+    for sub in client.subs:
+        if sub.sync_id is None:
+            reason = sub.closed or "no sync before the deadline"
+            failures[reason] = failures.get(reason, 0) + 1
+    return {"synced": len(synced), "failures": failures,
+            "sync_seconds": [sub.synced - sub.started for sub in synced],
+            "first_start": min((sub.started for sub in client.subs if sub.started), default=None),
+            "last_sync": max((sub.synced for sub in synced), default=None),
+            "sync_frames_min": min((sub.sync_frames for sub in synced), default=0),
+            "sync_frames_max": max((sub.sync_frames for sub in synced), default=0),
+            "cpu": cpu, "wall": wall}
+
+
+def live_report(client, expected_ids, cpu, wall):
+    """Lost, duplicated and out-of-order frames per (stream, record) pair, and their latencies."""
+    expected = set(expected_ids)
+    lost = duplicated = disordered = unexpected = delivered = 0
+    latencies = array.array("q")
+    for sub in client.subs:
+        if sub.sync_id is None:
+            continue
+        seen, highest = set(), 0
+        for ident, latency in zip(sub.ids, sub.latencies):
+            delivered += 1
+            if ident in seen:
+                duplicated += 1
+                continue
+            if ident < highest:
+                disordered += 1
+            highest = max(highest, ident)
+            seen.add(ident)
+            if ident not in expected:
+                unexpected += 1
+            elif latency >= 0:
+                latencies.append(latency)
+        lost += len(expected - seen)
+    closed = sum(1 for sub in client.subs if sub.sync_id is not None and sub.closed)
+    return {"delivered": delivered, "lost": lost, "duplicated": duplicated, "disordered": disordered,
+            "unexpected": unexpected, "closed": closed, "latencies": latencies,
+            "last_frame_ns": client.last_frame_ns, "cpu": cpu, "wall": wall}
+
+
+class SubscriberPool:
+    """`count` subscribers spread over client processes: the parent's handle on them."""
+
+    def __init__(self, bench, port, count, path="/events", sync_timeout=None):
+        processes = max(1, min(bench.args.client_procs, count // 50))
+        self.count = count
+        self.sync_timeout = sync_timeout or max(30.0, count / 100)
+        inflight = split_evenly(bench.args.inflight, processes)
+        self.workers = [ClientProcess(subscriber_worker, port=port, count=share, inflight=max(1, limit),
+                                      path=path, sync_timeout=self.sync_timeout)
+                        for share, limit in zip(split_evenly(count, processes), inflight)]
+        for worker in self.workers:
+            worker.receive(30)
+        for worker in self.workers:
+            worker.send("go")
+
+    def wait_synced(self):
+        """Merged sync figures of every worker: counts, per-stream sync seconds, wall span."""
+        reports = [worker.receive(self.sync_timeout + 30) for worker in self.workers]
+        failures = {}
+        for report in reports:
+            for reason, n in report["failures"].items():
+                failures[reason] = failures.get(reason, 0) + n
+        starts = [r["first_start"] for r in reports if r["first_start"]]
+        ends = [r["last_sync"] for r in reports if r["last_sync"]]
+        return {"synced": sum(r["synced"] for r in reports), "failed": sum(failures.values()),
+                "failures": failures,
+                "sync_seconds": sorted(s for r in reports for s in r["sync_seconds"]),
+                "span": max(ends) - min(starts) if starts and ends else None,
+                "sync_frames_min": min(r["sync_frames_min"] for r in reports),
+                "sync_frames_max": max(r["sync_frames_max"] for r in reports),
+                "client_cpu_pct": max(per(r["cpu"], r["wall"], 100) or 0 for r in reports)}
+
+    def collect(self, expected_ids, grace):
+        """Tell the workers which ids were published; merged delivery figures once all arrived."""
+        ids = list(expected_ids)
+        for worker in self.workers:
+            worker.send(("expect", ids, grace))
+        reports = [worker.receive(grace + 30) for worker in self.workers]
+        merged = {key: sum(r[key] for r in reports)
+                  for key in ("delivered", "lost", "duplicated", "disordered", "unexpected", "closed")}
+        merged["latencies"] = [ns for r in reports for ns in r["latencies"]]
+        merged["last_frame_ns"] = max(r["last_frame_ns"] for r in reports)
+        merged["client_cpu_pct"] = max(per(r["cpu"], r["wall"], 100) or 0 for r in reports)
+        return merged
+
+    def close(self):
+        for worker in self.workers:
+            try:
+                worker.send(("close",))
+            except OSError:
+                pass
+        for worker in self.workers:
+            worker.finish()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class InsertConnection:
+    __slots__ = ("sock", "buf", "sent_ns", "busy", "quickack")
+
+    def __init__(self, port, quickack):
+        self.sock = socket.create_connection((HOST, port), timeout=10)
+        self.sock.setblocking(False)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.sent_ns = 0
+        self.busy = False
+        self.quickack = quickack
+
+
+class Publisher:
+    """Keep-alive /insert connections with one request in flight on each. rate > 0 paces them
+    (record k is due k / rate s after the start); rate 0 is closed-loop, as fast as acknowledged."""
+
+    def __init__(self, port, connections, count, seconds, event, rate, distinct, quickack):
+        self.port, self.count, self.event, self.rate, self.distinct = port, count, event, rate, distinct
+        self.conns = [InsertConnection(port, quickack) for _ in range(connections)]
+        self.by_fd = {conn.sock.fileno(): conn for conn in self.conns}
+        self.epoll = select.epoll()
+        for fd in self.by_fd:
+            self.epoll.register(fd, select.EPOLLIN)
+        self.ids, self.latencies, self.statuses = array.array("q"), array.array("q"), {}
+        self.seq, self.slip = 0, 0.0
+        self.started = time.monotonic()
+        self.stop_at = self.started + seconds
+
+    def run(self, grace):
+        """Send until count or seconds is reached, then wait (up to grace) for the last answers."""
+        while True:
+            now = time.monotonic()
+            sending = self.seq < self.count and now < self.stop_at
+            if not sending and not any(conn.busy for conn in self.conns) or now > self.stop_at + grace:
+                return
+            if sending:
+                self.send_due(now)
+            for fd, _mask in self.epoll.poll(self.wait_time()):
+                read_acks(self.by_fd[fd], self.ids, self.latencies, self.statuses)
+
+    def due(self, now):
+        return self.started + self.seq / self.rate if self.rate else now
+
+    def send_due(self, now):
+        for conn in self.conns:
+            if conn.busy or self.seq >= self.count or now < self.due(now):
+                continue
+            self.slip = max(self.slip, now - self.due(now))
+            name = f"{self.event}{self.seq % self.distinct}" if self.distinct else self.event
+            conn.sock.send(insert_request(self.port, name, self.seq))
+            conn.sent_ns, conn.busy = time.monotonic_ns(), True
+            self.seq += 1
+
+    def wait_time(self):
+        if self.rate and self.seq < self.count:
+            return max(0.0, min(self.due(0) - time.monotonic(), 0.05))
+        return 0.05
+
+    def close(self):
+        for conn in self.conns:
+            conn.sock.close()
+        self.epoll.close()
+
+
+def publisher_worker(pipe, port, connections, count, seconds, event, rate=0.0, distinct=0, grace=10.0,
+                     quickack=False):
+    """Client process: run a Publisher; the answer lists every acknowledged id and its latency.
+    quickack ACKs every response at once, so a server's Nagle delay cannot slow a bulk load."""
+    cpu = own_cpu_seconds()
+    publisher = Publisher(port, connections, count, seconds, event, rate, distinct, quickack)
+    publisher.run(grace)
+    publisher.close()
+    pipe.send({"ids": publisher.ids, "latencies": publisher.latencies, "statuses": publisher.statuses,
+               "sent": publisher.seq, "unanswered": sum(conn.busy for conn in publisher.conns),
+               "slip": publisher.slip, "seconds": time.monotonic() - publisher.started,
+               "cpu": own_cpu_seconds() - cpu})
+
+
+def read_acks(conn, ids, latencies, statuses):
+    data = conn.sock.recv(65536)
+    if not data:
+        raise ConnectionError("the server closed a keep-alive /insert connection")
+    if conn.quickack:                  # Linux clears it after each ACK: set it again every read
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    conn.buf += data
+    while True:
+        response = split_response(conn.buf)
+        if response is None:
+            return
+        status, body, conn.buf = response
+        if status == 200:
+            ids.append(json.loads(body)["id"])
+            latencies.append(time.monotonic_ns() - conn.sent_ns)
+        else:
+            statuses[status] = statuses.get(status, 0) + 1
+        conn.busy = False
+
+
+def fetch_worker(pipe, port, path, socket_timeout):
+    """Client process: one GET; time to the first response byte, to the end, size, entry count."""
+    sock = socket.create_connection((HOST, port), timeout=socket_timeout)
+    cpu, started = own_cpu_seconds(), time.monotonic()
+    sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (
+        path.encode(), HOST.encode(), port))
+    reader, first, body = StreamReader(), None, []
+    while not (reader.dechunker and reader.dechunker.done):
+        data = sock.recv(1 << 20)
+        if first is None:
+            first = time.monotonic() - started
+        if not data:
+            break
+        body.append(reader.feed_body(data))
+    total = time.monotonic() - started
+    sock.close()
+    body = b"".join(body)
+    entries = len(json.loads(body)) if reader.status == 200 else None
+    pipe.send({"status": reader.status, "first_byte": first, "total": total, "bytes": len(body),
+               "entries": entries, "cpu": own_cpu_seconds() - cpu})
+
+
+def publish(bench, server, count, seconds, event, connections=1, rate=0.0, distinct=0, quickack=False):
+    """Run a publisher process against server and return its answer."""
+    timeout = min(seconds, count / rate if rate else seconds) + 60
+    return run_in_client(publisher_worker, timeout, port=server.port, connections=connections,
+                         count=count, seconds=seconds, event=event, rate=rate, distinct=distinct,
+                         quickack=quickack)
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+TARGET_TEXT = {"<=x": "<= {}x floor", ">=x": ">= {}x floor", "<=": "<= {}", "<": "< {}", "==": "= {}"}
+TARGET_TEST = {"<=x": lambda v, t: v <= t, ">=x": lambda v, t: v >= t, "<=": lambda v, t: v <= t,
+               "<": lambda v, t: v < t, "==": lambda v, t: v == t}
+
+
+def ratio(broker, floor):
+    if broker is None or floor is None or isinstance(broker, str) or not floor:
+        return None
+    return broker / floor
+
+
+def check(target, broker, floor):
+    """(target text, "ok" / "MISS" / "?") for one row; ratios are against the floor's figure."""
+    if target is None:
+        return "", ""
+    op, limit = target
+    value = ratio(broker, floor) if op.endswith("x") else broker
+    if value is None or isinstance(value, str):
+        return TARGET_TEXT[op].format(limit), "?"
+    return TARGET_TEXT[op].format(limit), "ok" if TARGET_TEST[op](value, limit) else "MISS"
+
+
+def number(value):
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 100:
+        return f"{value:,.0f}"
+    for limit, digits in ((100, 0), (10, 1), (1, 2)):
+        if abs(value) >= limit:
+            return f"{value:,.{digits}f}"
+    return f"{value:.3f}" if value else "0"
+
+
+def median_of(runs, key):
+    values = [run.get(key) for run in runs if run.get(key) is not None]
+    if not values:
+        return None
+    if isinstance(values[0], str):
+        return values[-1]
+    value = statistics.median(values)
+    return int(value) if all(isinstance(v, int) for v in values) and float(value).is_integer() else value
+
+
+class Table:
+    """One scenario's figures: rows of (label, run key, target), medians of the runs per server."""
+
+    def __init__(self, title, runs, rows, notes=()):
+        self.title, self.runs, self.rows, self.notes = title, runs, rows, list(notes)
+        self.kinds = [kind for kind in SERVERS if runs.get(kind)]
+
+    def figures(self):
+        """Per row: label, key, {server: median}, broker / floor, target text, verdict."""
+        for label, key, target in self.rows:
+            values = {kind: median_of(self.runs[kind], key) for kind in self.kinds}
+            broker, floor = values.get("broker"), values.get("floor")
+            text, verdict = check(target, broker, floor) if "broker" in values else ("", "")
+            yield label, key, values, ratio(broker, floor), text, verdict
+
+    def lines(self):
+        both = len(self.kinds) == 2
+        repeats = max(len(self.runs[kind]) for kind in self.kinds)
+        out = [f"== {self.title}" + (f"  (median of {repeats} runs each)" if repeats > 1 else ""),
+               f"  {'':38}" + "".join(f"{kind:>12}" for kind in self.kinds)
+               + (f"{'broker/floor':>14}" if both else "") + "  target"]
+        for label, _key, values, quotient, text, verdict in self.figures():
+            line = f"  {label:38}" + "".join(f"{number(values[kind]):>12}" for kind in self.kinds)
+            line += f"{number(quotient):>14}" if both else ""
+            line += f"  {text:16} {verdict}" if text else ""
+            out.append(line)
+        return out + [f"  note: {note}" for note in self.notes]
+
+    def to_json(self):
+        rows = [{"metric": label, "key": key, **values, "ratio": quotient,
+                 "target": text or None, "verdict": verdict or None}
+                for label, key, values, quotient, text, verdict in self.figures()]
+        return {"title": self.title, "rows": rows, "notes": self.notes, "runs": self.runs}
+
+
+# --- the benchmark ------------------------------------------------------------------------------------
+
+class Bench:
+    """The settings, the servers' command lines and a scratch folder shared by every scenario."""
+
+    def __init__(self, args, workdir):
+        self.args, self.workdir = args, workdir
+        self.kinds = [kind for kind in SERVERS if kind in args.servers]
+        self.servers_started = 0
+
+    def command(self, kind, db):
+        if kind == "broker":
+            return [self.args.python, self.args.broker, "--port", "0", "--db", db, "--quiet",
+                    *self.args.broker_arg]
+        return [self.args.python, os.path.abspath(__file__), "--serve-floor", "--port", "0",
+                "--db", db, "--quiet"]
+
+    def server(self, kind):
+        """A fresh server of that kind on a fresh database, started and ready."""
+        self.servers_started += 1
+        db = os.path.join(self.workdir, f"{kind}-{self.servers_started}.db")
+        return ServerProcess(kind, self.command(kind, db), self.workdir).start()
+
+    def interleaved(self, label, run_once, kinds=None, repeat=None):
+        """run_once(server) on fresh servers, alternating broker and floor, --repeat times each."""
+        runs = {kind: [] for kind in kinds or self.kinds}
+        repeat = repeat or self.args.repeat
+        for attempt in range(repeat):
+            for kind in runs:
+                log(f"  {label}: {kind} run {attempt + 1}/{repeat}")
+                with self.server(kind) as server:
+                    result = run_once(server)
+                result["stop_seconds"], result["exit_code"] = server.stop_seconds, server.exit_code
+                runs[kind].append(result)
+        return runs
+
+
+# Time the server's threads were ready to run but had no CPU: for the one-thread floor that means a busy
+# machine; the broker's threads also queue behind one another (8 publishers: 8 handler threads).
+NOISE_ROW = ("server threads waiting for a CPU ms", "waited_ms", None)
+
+
+def delivery_figures(live, sync, expected_pairs):
+    """The rows every live-delivery scenario shares, from a pool's sync and collect figures."""
+    figures = latency_summary(live.pop("latencies"))
+    figures.update({key: live[key] for key in ("delivered", "lost", "duplicated", "disordered", "closed")})
+    figures.update(expected=expected_pairs, synced=sync["synced"], failed=sync["failed"],
+                   client_cpu_pct=max(sync["client_cpu_pct"], live["client_cpu_pct"]))
+    return figures
+
+
+def fanout_run(bench, server, count):
+    args = bench.args
+    with SubscriberPool(bench, server.port, count) as pool:
+        sync = pool.wait_synced()
+        meter = Meter(server.pid)
+        published = publish(bench, server, args.records, args.records / args.rate + 30, "fanout",
+                            rate=args.rate)
+        live = pool.collect(published["ids"], grace=10)
+        cpu, waited = meter.read()
+    figures = delivery_figures(live, sync, len(published["ids"]) * sync["synced"])
+    figures.update(acked=len(published["ids"]), slip_s=published["slip"], waited_ms=waited * 1000,
+                   cpu_us_per_delivery=per(cpu, figures["delivered"], 1e6))
+    return figures
+
+
+def scenario_fanout(bench):
+    args = bench.args
+    tables = []
+    for count in args.subscribers:
+        runs = bench.interleaved(f"fanout {count}", lambda server: fanout_run(bench, server, count))
+        tables.append(Table(f"fanout: {count:,} idle subscribers, {args.records} records at {args.rate:g}/s",
+                            runs, [
+                                ("subscribers synced", "synced", None),
+                                ("records acknowledged", "acked", None),
+                                ("latency p50 ms", "p50_ms", None),
+                                ("latency p99 ms", "p99_ms", ("<=x", 1.5)),
+                                ("latency max ms", "max_ms", None),
+                                ("lost (subscriber, record) pairs", "lost", ("==", 0)),
+                                ("duplicated", "duplicated", ("==", 0)),
+                                ("out of order", "disordered", ("==", 0)),
+                                ("streams closed by the server", "closed", ("==", 0)),
+                                ("server CPU us per delivery", "cpu_us_per_delivery", ("<=x", 1.3)),
+                                ("publisher schedule slip s", "slip_s", ("<", 0.1)),
+                                ("client CPU % (busiest process)", "client_cpu_pct", None),
+                                NOISE_ROW,
+                            ]))
+    return tables
+
+
+def crowd_run(bench, server):
+    args = bench.args
+    with SubscriberPool(bench, server.port, args.crowd) as pool:
+        sync = pool.wait_synced()
+        rss = server.rss_kib()
+        meter = Meter(server.pid)
+        published = publish(bench, server, args.crowd_records, args.crowd_records / CROWD_RATE + 30,
+                            "crowd", rate=CROWD_RATE)
+        live = pool.collect(published["ids"], grace=30)
+        cpu, waited = meter.read()
+    figures = delivery_figures(live, sync, len(published["ids"]) * sync["synced"])
+    figures.update(connect_s=sync["span"], rss_mib=rss / 1024, slip_s=published["slip"],
+                   waited_ms=waited * 1000, cpu_us_per_delivery=per(cpu, figures["delivered"], 1e6),
+                   missing=figures["expected"] - figures["delivered"] + figures["duplicated"])
+    return figures
+
+
+def scenario_crowd(bench):
+    args = bench.args
+    runs = bench.interleaved(f"crowd {args.crowd}", lambda server: crowd_run(bench, server))
+    return [Table(f"crowd: {args.crowd:,} subscribers at once, {args.crowd_records} records at "
+                  f"{CROWD_RATE:g}/s", runs, [
+                      ("subscribers synced", "synced", None),
+                      ("subscribers that failed to sync", "failed", ("==", 0)),
+                      ("seconds until all synced", "connect_s", None),
+                      ("server RSS with all connected MiB", "rss_mib", None),
+                      ("deliveries expected", "expected", None),
+                      ("deliveries missing", "missing", ("==", 0)),
+                      ("latency p50 ms", "p50_ms", None),
+                      ("latency p99 ms", "p99_ms", ("<=x", 2.0)),
+                      ("latency max ms", "max_ms", None),
+                      ("server CPU us per delivery", "cpu_us_per_delivery", None),
+                      ("publisher schedule slip s", "slip_s", None),
+                      ("client CPU % (busiest process)", "client_cpu_pct", None),
+                      NOISE_ROW,
+                  ])]
+
+
+def throughput_run(bench, server, count=100, publishers=4):
+    args = bench.args
+    with SubscriberPool(bench, server.port, count) as pool:
+        sync = pool.wait_synced()
+        meter, started_ns = Meter(server.pid), time.time_ns()
+        published = publish(bench, server, 10 ** 9, args.throughput_seconds, "throughput",
+                            connections=publishers)
+        live = pool.collect(published["ids"], grace=20)
+        cpu, waited = meter.read()
+    acked = len(published["ids"])
+    figures = delivery_figures(live, sync, acked * sync["synced"])
+    figures.update(acked=acked, inserts_per_s=per(acked, published["seconds"]),
+                   refused=sum(published["statuses"].values()),
+                   frames_per_s=per(figures["delivered"], (live["last_frame_ns"] - started_ns) / 1e9),
+                   complete_pct=per(figures["delivered"] - figures["duplicated"], figures["expected"], 100),
+                   cpu_us_per_insert=per(cpu, acked, 1e6), waited_ms=waited * 1000)
+    return figures
+
+
+def scenario_throughput(bench):
+    args = bench.args
+    runs = bench.interleaved("throughput", lambda server: throughput_run(bench, server))
+    return [Table(f"throughput: 100 subscribers, 4 closed-loop keep-alive publishers for "
+                  f"{args.throughput_seconds:g} s", runs, [
+                      ("inserts acknowledged per s", "inserts_per_s", (">=x", 2.0)),
+                      ("inserts refused (non-200)", "refused", ("==", 0)),
+                      ("frames delivered per s", "frames_per_s", None),
+                      ("completeness %", "complete_pct", ("==", 100)),
+                      ("lost", "lost", ("==", 0)),
+                      ("duplicated", "duplicated", ("==", 0)),
+                      ("out of order", "disordered", ("==", 0)),
+                      ("latency p50 ms", "p50_ms", None),
+                      ("latency p99 ms", "p99_ms", None),
+                      ("server CPU us per insert (with fan-out)", "cpu_us_per_insert", None),
+                      ("client CPU % (busiest process)", "client_cpu_pct", None),
+                      NOISE_ROW,
+                  ])]
+
+
+def memory_run(bench, server):
+    time.sleep(0.3)                  # let the server finish starting before the idle reading
+    figures = {"idle_kib": server.rss_kib()}
+    pools = []
+    try:
+        connected = 0
+        for count in bench.args.memory_subscribers:
+            pool = SubscriberPool(bench, server.port, count - connected)
+            pools.append(pool)
+            sync = pool.wait_synced()
+            connected = count
+            time.sleep(0.3)
+            rss = server.rss_kib()
+            figures[f"rss_{count}_mib"] = rss / 1024
+            figures[f"kib_per_sub_{count}"] = per(rss - figures["idle_kib"], count)
+            figures[f"failed_{count}"] = sync["failed"]
+        figures["peak_mib"] = server.peak_kib() / 1024
+    finally:
+        for pool in pools:
+            pool.close()
+    figures["idle_mib"] = figures.pop("idle_kib") / 1024
+    return figures
+
+
+def scenario_memory(bench):
+    counts = bench.args.memory_subscribers
+    runs = bench.interleaved("memory", lambda server: memory_run(bench, server))
+    rows = [("RSS idle MiB", "idle_mib", None)]
+    for count in counts:
+        rows += [(f"RSS with {count:,} subscribers MiB", f"rss_{count}_mib", None),
+                 (f"  KiB per subscriber at {count:,}", f"kib_per_sub_{count}", ("<=", 16)),
+                 ("  subscribers that failed to sync", f"failed_{count}", ("==", 0))]
+    rows.append(("peak RSS (VmHWM) MiB", "peak_mib", None))
+    return [Table(f"memory: server RSS idle and with {', '.join(f'{c:,}' for c in counts)} subscribers",
+                  runs, rows)]
+
+
+def connect_run(bench, server):
+    count = bench.args.connect_subscribers
+    stored = publish(bench, server, CONNECT_EVENTS, 30, "connect", connections=4, distinct=CONNECT_EVENTS)
+    cpu = server.cpu_seconds()
+    with SubscriberPool(bench, server.port, count) as pool:
+        sync = pool.wait_synced()
+    cpu = server.cpu_seconds() - cpu
+    seconds = sync["sync_seconds"]
+    return {"stored": len(stored["ids"]), "synced": sync["synced"], "failed": sync["failed"],
+            "total_s": sync["span"], "p50_ms": (percentile(seconds, 0.5) or 0) * 1000,
+            "p99_ms": (percentile(seconds, 0.99) or 0) * 1000, "max_ms": (seconds[-1] if seconds else 0) * 1000,
+            "slow": sum(1 for s in seconds if s >= 1.0), "frames_min": sync["sync_frames_min"],
+            "cpu_ms_per_sync": per(cpu, sync["synced"], 1e3), "client_cpu_pct": sync["client_cpu_pct"]}
+
+
+def scenario_connect(bench):
+    args = bench.args
+    runs = bench.interleaved("connect", lambda server: connect_run(bench, server))
+    return [Table(f"connect: {CONNECT_EVENTS} events stored, {args.connect_subscribers:,} subscribers sync "
+                  f"({args.inflight} in flight)", runs, [
+                      ("subscribers synced", "synced", None),
+                      ("failed", "failed", ("==", 0)),
+                      ("fewest sync frames received", "frames_min", ("==", CONNECT_EVENTS)),
+                      ("seconds until all synced", "total_s", ("<=", 0.3)),
+                      ("per-subscriber sync p50 ms", "p50_ms", None),
+                      ("per-subscriber sync p99 ms", "p99_ms", None),
+                      ("per-subscriber sync max ms", "max_ms", None),
+                      ("subscribers that took >= 1 s", "slow", ("==", 0)),
+                      ("server CPU ms per sync", "cpu_ms_per_sync", None),
+                      ("client CPU % (busiest process)", "client_cpu_pct", None),
+                  ])]
+
+
+def insert_run(bench, server, publishers):
+    meter = Meter(server.pid)
+    published = publish(bench, server, 10 ** 9, bench.args.insert_seconds, "insert", connections=publishers)
+    cpu, waited = meter.read()
+    acked = len(published["ids"])
+    figures = latency_summary(published["latencies"])
+    figures.update(acked=acked, inserts_per_s=per(acked, published["seconds"]),
+                   refused=sum(published["statuses"].values()), cpu_us_per_insert=per(cpu, acked, 1e6),
+                   client_cpu_pct=per(published["cpu"], published["seconds"], 100), waited_ms=waited * 1000)
+    return figures
+
+
+def scenario_insert(bench):
+    tables = []
+    for publishers in (1, 8):
+        runs = bench.interleaved(f"insert x{publishers}", lambda server: insert_run(bench, server, publishers))
+        tables.append(Table(f"insert: no subscribers, {publishers} keep-alive publisher(s), "
+                            f"{bench.args.insert_seconds:g} s", runs, [
+                                ("inserts acknowledged per s", "inserts_per_s", None),
+                                ("inserts refused (non-200)", "refused", ("==", 0)),
+                                ("latency p50 ms", "p50_ms", None),
+                                ("latency p99 ms", "p99_ms", None),
+                                ("server CPU us per insert", "cpu_us_per_insert",
+                                 ("<=", 60) if publishers == 8 else None),
+                                ("client CPU %", "client_cpu_pct", None),
+                                NOISE_ROW,
+                            ], notes=["the floor's /insert writes no database: the ratio is the cost of "
+                                      "durability and HTTP parsing"]))
+    return tables
+
+
+def load_history(bench, server, figures):
+    """Insert the history over HTTP (the schema is broker.py's own); stop at the time budget."""
+    args = bench.args
+    started = time.monotonic()
+    versions = publish(bench, server, args.history_versions, args.history_load_seconds, "history",
+                       connections=16, quickack=True)
+    left = max(1.0, args.history_load_seconds - (time.monotonic() - started))
+    events = publish(bench, server, args.history_events, left, "hist", connections=16,
+                     distinct=args.history_events, quickack=True)
+    seconds = time.monotonic() - started
+    loaded = len(versions["ids"]) + len(events["ids"])
+    figures.update(versions=len(versions["ids"]), events=len(events["ids"]) + 1,
+                   load_s=seconds, load_per_s=per(loaded, seconds))
+    return loaded
+
+
+def history_run(bench, server):
+    figures = {}
+    cpu = server.cpu_seconds()
+    loaded = load_history(bench, server, figures)
+    figures["load_cpu_us_per_insert"] = per(server.cpu_seconds() - cpu, loaded, 1e6)
+    figures["rss_loaded_mib"] = server.rss_kib() / 1024
+    audit = measure(server, lambda: run_in_client(fetch_worker, 600, port=server.port,
+                                                  path="/audit/history", socket_timeout=600))
+    figures.update(audit_status=audit["status"], audit_first_ms=audit["first_byte"] * 1000,
+                   audit_total_s=audit["total"], audit_entries=audit["entries"],
+                   audit_mib=audit["bytes"] / 2 ** 20, audit_rss_growth_mib=audit["growth_mib"])
+    sync = measure(server, lambda: sync_once(bench, server))
+    figures.update(sync_s=sync["span"], sync_frames=sync["sync_frames_max"], sync_failed=sync["failed"],
+                   sync_rss_growth_mib=sync["growth_mib"])
+    return figures
+
+
+def measure(server, action):
+    """action()'s answer plus the server's peak RSS growth while it ran, in MiB."""
+    before = server.rss_kib()
+    server.reset_peak()
+    result = action()
+    result["growth_mib"] = (server.peak_kib() - before) / 1024
+    return result
+
+
+def sync_once(bench, server):
+    with SubscriberPool(bench, server.port, 1, sync_timeout=300) as pool:
+        return pool.wait_synced()
+
+
+def scenario_history(bench):
+    args = bench.args
+    if "broker" not in bench.kinds:
+        return []
+    # Once only: loading the history takes minutes, and there is no floor to interleave with.
+    runs = bench.interleaved("history", lambda server: history_run(bench, server), kinds=["broker"], repeat=1)
+    return [Table(f"history: {args.history_versions:,} versions of one event, {args.history_events:,} "
+                  f"distinct events (broker only)", runs, [
+                      ("versions loaded", "versions", None),
+                      ("distinct events stored", "events", None),
+                      ("load inserts per s (16 publishers)", "load_per_s", None),
+                      ("load server CPU us per insert", "load_cpu_us_per_insert", None),
+                      ("server RSS after loading MiB", "rss_loaded_mib", None),
+                      ("/audit status", "audit_status", ("==", 200)),
+                      ("/audit entries received", "audit_entries", None),
+                      ("/audit MiB", "audit_mib", None),
+                      ("/audit time to first byte ms", "audit_first_ms", ("<=", 50)),
+                      ("/audit total s", "audit_total_s", None),
+                      ("/audit peak RSS growth MiB", "audit_rss_growth_mib", ("<=", 20)),
+                      ("/events full sync s", "sync_s", ("<=", 2)),
+                      ("/events sync frames received", "sync_frames", None),
+                      ("/events sync peak RSS growth MiB", "sync_rss_growth_mib", ("<=", 50)),
+                  ], notes=["the floor keeps no history, so there is nothing to compare with",
+                            "loading stops after --history-load-seconds; the rows above say what was loaded"])]
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+def comma_ints(text):
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="bench_broker.py", description=__doc__.split("\n\n")[0].split(" - ", 1)[1],
+        epilog="Sizes default to the full column, or the quick one with --quick. Internal: "
+               "--serve-floor --port N runs the floor server itself.")
+    parser.add_argument("--quick", action="store_true", help="small sizes for `make bench` (under 2 minutes)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated, in this order: {','.join(SCENARIOS)}")
+    parser.add_argument("--servers", default="broker,floor", help="broker,floor; floor alone tests the harness")
+    parser.add_argument("--broker", default=os.path.join(HERE, "broker.py"), help="path to broker.py")
+    parser.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for broker.py, repeatable (e.g. --broker-arg=--sync=normal)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the servers")
+    parser.add_argument("--json", default=os.path.join("tmp", "bench.json"), help="write the tables here")
+    parser.add_argument("--client-procs", type=int, default=2, help="processes the subscribers are split over")
+    parser.add_argument("--inflight", type=int, default=200, help="subscriber connections opening at once")
+    for name, quick, _full, help_text in SIZES:
+        convert = comma_ints if isinstance(quick, str) else type(quick)
+        parser.add_argument("--" + name.replace("_", "-"), type=convert, default=None,
+                            help=f"{help_text} (quick {quick}, full {_full})")
+    args = parser.parse_args(argv)
+    for name, quick, full, _help in SIZES:
+        if getattr(args, name) is None:
+            default = quick if args.quick else full
+            setattr(args, name, comma_ints(default) if isinstance(default, str) else default)
+    args.scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
+    unknown = set(args.scenarios) - set(SCENARIOS) or set(args.servers) - set(SERVERS)
+    if unknown:
+        parser.error(f"unknown scenario or server: {', '.join(sorted(unknown))}")
+    if "broker" in args.servers and not os.path.isfile(args.broker):
+        parser.error(f"no broker at {args.broker} (use --servers floor to test the harness alone)")
+    return args
+
+
+def cleanup():
+    """Stop every client and server this run started; safe to call more than once."""
+    for client in list(ClientProcess.live):
+        client.finish(timeout=0)
+    for server in list(ServerProcess.live):
+        server.stop(timeout=5)
+
+
+def interrupted(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_scenarios(bench):
+    tables = []
+    for name in SCENARIOS:
+        if name not in bench.args.scenarios:
+            continue
+        log(f"{name} ...")
+        started = time.monotonic()
+        try:
+            scenario_tables = globals()[f"scenario_{name}"](bench)
+        except Exception:          # one broken scenario should not hide the others' figures
+            print(f"== {name}: FAILED\n{traceback.format_exc()}", flush=True)
+            continue
+        for table in scenario_tables:
+            table.notes.append(f"scenario took {time.monotonic() - started:.0f} s")
+            print("\n".join(table.lines()) + "\n", flush=True)
+            tables.append(table)
+    return tables
+
+
+def write_json(path, args, tables, started):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+              "seconds": time.time() - started, "argv": sys.argv[1:], "quick": args.quick,
+              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": sys.version.split()[0],
+              "tables": [table.to_json() for table in tables]}
+    with open(path, "w") as file:
+        json.dump(report, file, indent=1, default=list)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-floor"]:
+        return floor_main(argv[1:])
+    args = parse_args(argv)
+    raise_open_file_limit()
+    signal.signal(signal.SIGTERM, interrupted)
+    started = time.time()
+    print(f"bench_broker: {'quick' if args.quick else 'full'} run, servers {','.join(args.servers)}, "
+          f"{args.repeat} run(s) each, {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n", flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench_broker.") as workdir:
+            tables = run_scenarios(Bench(args, workdir))
+            write_json(args.json, args, tables, started)
+    except KeyboardInterrupt:
+        log("interrupted: stopping servers and clients")
+        return 130
+    finally:
+        cleanup()
+    print(f"total {time.time() - started:.0f} s, load average now "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; JSON in {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
