@@ -26,6 +26,7 @@ import json
 import math
 import mimetypes
 import os
+import queue
 import re
 import resource
 import selectors
@@ -895,6 +896,42 @@ class Headers(dict):
         return super().__getitem__(name.lower())
 
 
+class Workers:
+    """Threads for connections, kept a while when idle: starting a thread costs more than a
+    subscriber's whole sync. self._lock guards self._idle, the count of workers waiting for a job."""
+
+    def __init__(self, idle_seconds=30.0):
+        self.idle_seconds = idle_seconds
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, function, *args):
+        with self._lock:
+            reuse = self._idle > 0
+            if reuse:
+                self._idle -= 1               # that worker is promised this job
+        if reuse:
+            self._jobs.put((function, args))
+        else:
+            threading.Thread(target=self._work, args=((function, args),), name="broker-worker", daemon=True).start()
+
+    def _work(self, job):
+        while True:
+            function, args = job
+            function(*args)
+            with self._lock:
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:        # nobody was promised to this worker: it may go
+                        self._idle -= 1
+                        return
+                job = self._jobs.get()        # a job was promised as the wait ran out
+
+
 class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024        # socketserver's 5 stalls a crowd of connecting subscribers
@@ -902,9 +939,13 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address, broker):
         self.broker = broker
         self.watchdog = Watchdog(broker.request_timeout)
+        self.workers = Workers()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+
+    def process_request(self, request, client_address):
+        self.workers.submit(self.process_request_thread, request, client_address)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):

@@ -1338,6 +1338,28 @@ class ClientTests(unittest.TestCase):
         self.assertEqual((parser.retry, parser.last_event_id), (1.5, "9"))
 
 
+class WorkersTests(unittest.TestCase):
+    def test_idle_threads_are_reused_then_retire(self):
+        workers = broker.Workers(idle_seconds=0.3)
+        used = []
+        for _ in range(20):
+            finished = threading.Event()
+            workers.submit(lambda: (used.append(threading.current_thread()), finished.set()))
+            self.assertTrue(finished.wait(TIMEOUT))
+            time.sleep(0.01)              # let the worker report itself idle before the next job
+        self.assertLessEqual(len(set(used)), 3)
+        wait_until(lambda: not any(thread.is_alive() for thread in used))
+
+    def test_a_job_promised_as_the_idle_wait_ends_still_runs(self):
+        workers = broker.Workers(idle_seconds=0.05)
+        ran = []
+        for n in range(100):              # submit around the moment idle workers give up
+            workers.submit(ran.append, n)
+            time.sleep(0.005 * (n % 20))
+        wait_until(lambda: len(ran) == 100)
+        self.assertEqual(sorted(ran), list(range(100)))
+
+
 class CommandLineTests(unittest.TestCase):
     def run_broker(self, *args, env=None):
         folder = tempfile.TemporaryDirectory()
