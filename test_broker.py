@@ -1351,11 +1351,11 @@ class WorkersTests(unittest.TestCase):
         wait_until(lambda: not any(thread.is_alive() for thread in used))
 
     def test_a_job_promised_as_the_idle_wait_ends_still_runs(self):
-        workers = broker.Workers(idle_seconds=0.05)
+        workers = broker.Workers(idle_seconds=0.01)
         ran = []
         for n in range(100):              # submit around the moment idle workers give up
             workers.submit(ran.append, n)
-            time.sleep(0.005 * (n % 20))
+            time.sleep(0.001 * (n % 20))
         wait_until(lambda: len(ran) == 100)
         self.assertEqual(sorted(ran), list(range(100)))
 
