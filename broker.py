@@ -603,8 +603,8 @@ class Fanout:
 
     A connection thread writes the headers and the sync, then hands its socket over (join);
     from then on only this thread writes it, non-blocking, so a stalled reader stalls nobody.
-    self._joining is guarded by hub.changed; self._streams by self._count_lock; the rest
-    belongs to the writer thread.
+    self._joining is guarded by hub.changed; self._streams by self._count_lock; self._owned is
+    only ever changed by single set operations (atomic); the rest belongs to the writer thread.
     """
 
     def __init__(self, hub, store, heartbeat, write_timeout):
