@@ -260,7 +260,7 @@ class InsertTests(unittest.TestCase):
             (b'{"event": "%s", "data": 1e999}' % name.encode(), "NaN and Infinity are not valid JSON"),
             (b'{"event": "%s", "data": 1, "ignored": NaN}' % name.encode(), "NaN and Infinity are not valid JSON"),
             (b'{"event": "%s", "data": {"k": "\\udc00"}}' % name.encode(), "lone surrogate"),
-            (b'{"event": "%s", "data": %s}' % (name.encode(), b"[" * 3000 + b"]" * 3000), "nested too deeply"),
+            (b'{"event": "%s", "data": %s}' % (name.encode(), b"[" * 30000 + b"]" * 30000), "nested too deeply"),
         ]
         last_id = call(self.broker, "GET", "/healthz")[1]["last_id"]
         for body, error in cases:
