@@ -1733,7 +1733,7 @@ def token_command(argv):
     parser.add_argument("--secret", default=os.environ.get("BROKER_JWT_SECRET"),
                         help="the broker's --jwt-secret (env BROKER_JWT_SECRET)")
     parser.add_argument("--publish", action="append", default=[], metavar="PATTERN",
-                        help="event names it may insert (shell-style: * and ?); repeatable")
+                        help="event names it may insert (shell-style: *, ? and [...]); repeatable")
     parser.add_argument("--subscribe", action="append", default=[], metavar="PATTERN",
                         help="event names it may read from /events and /audit; repeatable")
     parser.add_argument("--expires", type=named_type(positive_number(float)), metavar="SECONDS",
