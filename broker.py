@@ -17,6 +17,7 @@ import argparse
 import base64
 import codecs
 import collections
+import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -86,7 +87,8 @@ OPTIONS = [
 
 RETRY_MS = 3000            # the reconnect delay a browser is told to use
 FULL_RETRY_MS = 5000       # ... and when --max-clients streams are open already
-PAGE_ROWS = 500            # rows per query, so the database lock is never held across a socket write
+PAGE_BYTES = 1 << 20       # a read for a client holds about this much data (or one larger record)
+PAGE_ROWS = 1000           # ... and at most this many rows
 RING_RECORDS = 8192        # recent frames kept in memory for the fan-out writer and joining streams
 RING_BYTES = 16 << 20      # ... and their size at most (a record may be up to --max-body)
 SYNC_CACHE_BYTES = 1 << 20 # a full sync up to this size is kept for the next stream to connect
@@ -324,9 +326,12 @@ class PendingInsert:
 class Store:
     """The SQLite file. Knows SQL, knows nothing of HTTP.
 
-    self._lock guards every use of the one connection. Inserts are group-committed: the
+    self._lock guards every use of the write connection. Inserts are group-committed: the
     first caller to find no commit in flight becomes the committer and writes, in one
-    transaction, every insert queued so far; the others wait on self._turn for it.
+    transaction, every insert queued so far; the others wait on self._turn for it. Reads go
+    through connections of their own (self._readers, guarded by self._readers_lock), so they
+    never wait for a commit and keep working while writes fail; a :memory: database has only
+    the one connection, so there reads take self._lock too.
     """
 
     SCHEMA = """
@@ -346,7 +351,22 @@ class Store:
             INSERT OR REPLACE INTO latest (event, id) VALUES (new.event, new.id);
         END;
     """
+    # The latest record of each event as of ?2 whose id is above ?1. The latest table only
+    # knows the newest version; an event updated after ?2 is looked up in its history (its
+    # versions newer than ?2 are few: they were committed while this sync was being read).
+    # CROSS JOIN and l.id keep SQLite reading latest in its id order, never the whole history.
+    LATEST_AS_OF = """
+        SELECT l.id, r.event, r.timestamp, r.data FROM latest AS l CROSS JOIN records AS r ON r.id = l.id
+         WHERE l.id > ?1 AND l.id <= ?2 {filter}
+        UNION ALL
+        SELECT r.id, r.event, r.timestamp, r.data FROM latest AS l CROSS JOIN records AS r
+            ON r.id = (SELECT v.id FROM records AS v WHERE v.event = l.event AND v.id <= ?2
+                        ORDER BY v.timestamp DESC LIMIT 1)
+         WHERE l.id > ?2 AND r.id > ?1 {filter}
+        ORDER BY 1"""
+    AFTER = "SELECT id, event, timestamp, data FROM records WHERE id > ?1 AND id <= ?2 {filter} ORDER BY id"
     MAX_BATCH = 1000
+    IDLE_READERS = 8                 # read connections kept open between reads
     APPLICATION_ID = 0x42726B72      # "Brkr" in the file header: this file is a broker.py database
 
     def __init__(self, path, sync="full", on_commit=None):
@@ -358,6 +378,8 @@ class Store:
         self._on_commit = on_commit or (lambda records: None)
         self._closed = False
         self._reopen = False                  # a write failed: the next one starts afresh
+        self._readers_lock = threading.Lock()
+        self._readers = []                    # idle read connections
         self._db = self._connect()
         self._last_ts = self._newest_timestamp()
 
@@ -388,13 +410,16 @@ class Store:
         db.execute(f"PRAGMA application_id={self.APPLICATION_ID}")
 
     def close(self):
-        with self._lock:
+        with self._lock, self._readers_lock:
             self._closed = True
             self._db.close()
+            for db in self._readers:
+                db.close()
+            self._readers = []
 
     def newest_id(self):
-        with self._lock:
-            return self._query_one("SELECT max(id) FROM records") or 0
+        with self._reading() as db:
+            return db.execute("SELECT max(id) FROM records").fetchone()[0] or 0
 
     def insert(self, event, data):
         """Store one record and return it once the transaction holding it has committed."""
@@ -473,41 +498,84 @@ class Store:
         self._reopen = False
 
     def latest(self, after_id, upto_id, events=None):
-        """The latest record of each event (of the events named, if given), if its id is in (after_id, upto_id]."""
-        sql = ("SELECT r.id, r.event, r.timestamp, r.data FROM latest AS l JOIN records AS r ON r.id = l.id"
-               " WHERE l.id > ? AND l.id <= ?")
-        return self._page(sql, "l", (after_id, upto_id), events)
+        """A page of the latest record of each event (of events, if given) as of upto_id, if its
+        id is above after_id, in id order: the sync is exactly this, however inserts run meanwhile."""
+        return self._records(self.LATEST_AS_OF, "l.event", after_id, upto_id, events)
 
     def after(self, after_id, upto_id, events=None):
-        """Every record (of events, if given) with an id in (after_id, upto_id], in id order."""
-        sql = "SELECT id, event, timestamp, data FROM records AS r WHERE id > ? AND id <= ?"
-        return self._page(sql, "r", (after_id, upto_id), events)
+        """A page of the records (of events, if given) with an id in (after_id, upto_id], in id order."""
+        return self._records(self.AFTER, "event", after_id, upto_id, events)
 
-    def _page(self, sql, table, params, events):
-        """One page of sql (filtered by events, if given) in the id order of table."""
-        if events is not None:
-            sql += f" AND {table}.event IN ({','.join('?' * len(events))})"
-            params += tuple(events)
-        sql += f" ORDER BY {table}.id LIMIT {PAGE_ROWS}"
-        return [Record(*row) for row in self._rows(sql, params)]
+    def _records(self, sql, column, after_id, upto_id, events):
+        names = () if events is None else tuple(events)
+        places = ",".join(f"?{n}" for n in range(3, 3 + len(names)))     # ?1 and ?2 are the ids
+        sql = sql.format(filter=f"AND {column} IN ({places})" if names else "")
+        return [Record(*row) for row in self._page(sql, (after_id, upto_id) + names)]
 
     def audit(self, event, since=0, limit=PAGE_ROWS):
-        """(timestamp, data) of event's versions after since, oldest first; at most limit rows."""
-        return self._rows("SELECT timestamp, data FROM records WHERE event = ? AND timestamp > ?"
-                          " ORDER BY timestamp LIMIT ?", (event, since, limit))
+        """A page of (timestamp, data) of event's versions after since, oldest first; at most limit rows."""
+        return self._page("SELECT timestamp, data FROM records WHERE event = ? AND timestamp > ?"
+                          " ORDER BY timestamp", (event, since), min(limit, PAGE_ROWS))
 
-    def _rows(self, sql, params):
-        with self._lock:
-            if self._closed:
-                raise StoreError("the broker is shutting down")
-            return self._db.execute(sql, params).fetchall()
+    def _page(self, sql, params, max_rows=PAGE_ROWS):
+        """The first rows of sql (data last in each) up to PAGE_BYTES of data, at least one row.
+
+        Every read for a client goes through here, so a reader holds one page at a time,
+        however large the records or far behind it is."""
+        rows, size = [], 0
+        with self._reading() as db:
+            try:
+                cursor = db.execute(f"{sql} LIMIT {int(max_rows)}", params)
+                for row in cursor:
+                    rows.append(row)
+                    size += len(row[-1])
+                    if size >= PAGE_BYTES:
+                        break
+                cursor.close()
+            except sqlite3.Error as error:
+                raise StoreError(f"the database cannot be read: {error}") from None
+        return rows
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """A connection to read with: an idle read connection, or a new one."""
+        if self._path == ":memory:":
+            with self._lock:
+                self._check_open()
+                yield self._db
+            return
+        with self._readers_lock:
+            self._check_open()
+            db = self._readers.pop() if self._readers else None
+        if db is None:
+            db = self._connect_reader()
+        try:
+            yield db
+        except BaseException:
+            db.close()             # it may be mid-statement or broken: never reuse it
+            raise
+        with self._readers_lock:
+            if not self._closed and len(self._readers) < self.IDLE_READERS:
+                self._readers.append(db)
+                db = None
+        if db is not None:
+            db.close()
+
+    def _connect_reader(self):
+        try:
+            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA query_only=1")
+        except sqlite3.Error as error:
+            raise StoreError(f"the database cannot be read: {error}") from None
+        return db
+
+    def _check_open(self):
+        if self._closed:
+            raise StoreError("the broker is shutting down")
 
     def _newest_timestamp(self):
-        return self._query_one("SELECT timestamp FROM records ORDER BY id DESC LIMIT 1") or 0
-
-    def _query_one(self, sql):
-        row = self._db.execute(sql).fetchone()
-        return row[0] if row else None
+        row = self._db.execute("SELECT timestamp FROM records ORDER BY id DESC LIMIT 1").fetchone()
+        return row[0] if row else 0
 
 
 class Frame(typing.NamedTuple):
