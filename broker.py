@@ -93,11 +93,16 @@ RING_RECORDS = 8192        # recent frames kept in memory for the fan-out writer
 RING_BYTES = 16 << 20      # ... and their size at most (a record may be up to --max-body)
 SYNC_CACHE_BYTES = 1 << 20 # a full sync up to this size is kept for the next stream to connect
 WRITE_BYTES = 64 << 10     # a sync or an audit goes out in writes of about this size
+CATCH_UP_PAGES = 4         # ring pages the fan-out writer sends one lagging stream per turn
 MAX_FILTERS = 100          # ?event= values per stream (SQLite binds each one)
 MAX_EVENT_NAME = 255
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 LINE_END = re.compile("\r\n|\r|\n")
-TOKEN_IN_URL = re.compile(r"((?:access_)?token=)[^&\s\"]*")     # ?token= is the demo pages' own
+TOKEN_PARAMETERS = ("access_token", "token")                    # ?token= is the demo pages' own
+QUERY_PARAMETER = re.compile(r"([?&;])([^=&;\s\"]*)=([^&;\s\"]*)")
+LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
+LOG_ESCAPES[ord("\\")] = "\\\\"
+MAX_INT64 = (1 << 63) - 1  # SQLite's largest integer
 INVALID_TOKEN = 'Bearer error="invalid_token"'
 NOTHING = re.compile("(?!)")       # the regex of a token that allows no event
 NOT_FINITE = "NaN and Infinity are not valid JSON (browsers cannot parse them)"
@@ -127,6 +132,10 @@ def now_us():
 
 def json_bytes(value):
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+KEEP_ALIVE = b": keep-alive\n\n"
+END_OF_STREAM = b"0\r\n\r\n"
 
 
 def chunk(payload):
@@ -200,13 +209,44 @@ def parse_insert(body):
     event = check_event_name(doc["event"])
     if "data" not in doc:
         raise RequestError(400, '"data" is missing')
+    check_ignored_keys(doc)
     return event, encode_data(doc["data"])
 
 
-def non_negative_int(text, name):
+def check_ignored_keys(doc):
+    """Keys besides event and data are ignored, but a lone surrogate in them is still a 400."""
+    if len(doc) <= 2:
+        return
+    try:
+        text = json.dumps({key: value for key, value in doc.items() if key not in ("event", "data")},
+                          ensure_ascii=False)
+    except RecursionError:
+        raise RequestError(400, "body is nested too deeply") from None
+    if not is_valid_unicode(text):
+        raise RequestError(400, "body holds a lone surrogate, which is not valid Unicode")
+
+
+def int64(text):
+    """The non-negative integer text spells, if it fits SQLite's 64 bits; else None."""
     if not (text.isascii() and text.isdigit()):
-        raise RequestError(400, f"{name} must be a non-negative integer")
-    return int(text)
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 and int(digits) <= MAX_INT64 else None   # int() refuses 4,300+ digits
+
+
+def non_negative_int(text, name):
+    value = int64(text)
+    if value is None:
+        raise RequestError(400, f"{name} must be a non-negative integer of at most 63 bits")
+    return value
+
+
+def redact_tokens(text):
+    """text with the value of every ?access_token= and ?token= hidden, however its name is escaped."""
+    def hide(match):
+        named = urllib.parse.unquote_plus(match[2]) in TOKEN_PARAMETERS      # as parse_qs reads it
+        return f"{match[1]}{match[2]}=[redacted]" if named else match[0]
+    return QUERY_PARAMETER.sub(hide, text)
 
 
 def same_secret(given, expected):
@@ -252,7 +292,7 @@ def verify_jwt(token, secret, now=None):
     try:
         header, claims = (json.loads(b64url_decode(part)) for part in parts[:2])
         signature = b64url_decode(parts[2])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise refuse("not a JWT") from None
     if not isinstance(header, dict) or header.get("alg") != "HS256":
         raise refuse("alg must be HS256")
@@ -632,17 +672,50 @@ class Hub:
         """True if every record after cursor is in the ring (call with self.changed held)."""
         return cursor >= self._floor
 
-    def frames_after(self, cursor):
-        """The frames after cursor, or None if some have left the ring (call with self.changed held)."""
+    def frames_after(self, cursor, upto):
+        """The first frames in (cursor, upto], about PAGE_BYTES of them, or None if some have
+        left the ring (call with self.changed held)."""
         if not self.covers(cursor):
             return None
-        frames = []
+        newer = []
         for frame in reversed(self._ring):
             if frame.id <= cursor:
                 break
-            frames.append(frame)
-        frames.reverse()
-        return frames
+            if frame.id <= upto:
+                newer.append(frame)
+        page, size = [], 0
+        while newer and size < PAGE_BYTES:
+            page.append(newer.pop())
+            size += len(page[-1].data)
+        return page
+
+
+class BodyWriter:
+    """A response body of unknown length on a blocking socket: chunks (or raw bytes for an
+    HTTP/1.0 client) gathered into writes of about WRITE_BYTES, the head going out with the first."""
+
+    def __init__(self, sock, chunked, head=b"", head_only=False):
+        self.sock, self.chunked, self.head_only = sock, chunked, head_only
+        self.started = False          # some bytes went out: no other response can be sent now
+        self._parts, self._size = [head], 0
+
+    def write(self, payload):
+        if payload and not self.head_only:
+            self._parts.append(body_part(payload, self.chunked))
+            self._size += len(payload)
+            if self._size >= WRITE_BYTES:
+                self.flush()
+
+    def flush(self):
+        if self._parts:
+            data, self._parts, self._size = b"".join(self._parts), [], 0
+            self.started = True
+            self.sock.sendall(data)
+
+    def end(self):
+        if self.chunked and not self.head_only:
+            self._parts.append(END_OF_STREAM)
+        self.flush()
 
 
 class Subscriber:
@@ -662,24 +735,23 @@ class Subscriber:
         self.stuck_since = None
 
 
-KEEP_ALIVE = b": keep-alive\n\n"
-END_OF_STREAM = b"0\r\n\r\n"
-
-
 class Fanout:
     """The one thread that writes live records to every /events socket.
 
     A connection thread writes the headers and the sync, then hands its socket over (join);
     from then on only this thread writes it, non-blocking, so a stalled reader stalls nobody.
+    This thread reads the database only when it has itself fallen behind the ring: a stream
+    that has is handed to a connection thread (submit) to catch up, then joins again.
     self._joining is guarded by hub.changed; self._streams by self._count_lock; self._owned is
     only ever changed by single set operations (atomic); the rest belongs to the writer thread.
     """
 
-    def __init__(self, hub, store, heartbeat, write_timeout):
+    def __init__(self, hub, store, heartbeat, write_timeout, submit):
         self.hub = hub
         self.store = store
         self.heartbeat = heartbeat
         self.write_timeout = write_timeout
+        self._submit = submit         # runs a function on a connection thread
         self._joining = []
         self._owned = set()           # sockets handed over, so the server must not close them
         self._subs = {}               # fd -> Subscriber
@@ -714,6 +786,22 @@ class Fanout:
         with self._count_lock:
             self._streams -= 1
 
+    def catch_up_and_join(self, sock, body, wants, cursor):
+        """On a connection thread: write (blocking, a page at a time) the records committed after
+        cursor until the ring holds the rest, then hand sock over. False if the broker stopped."""
+        while True:
+            body.flush()
+            if self.join_stream(sock, wants, body.chunked, cursor):
+                return True
+            if self.hub.closed:
+                body.end()
+                return False
+            with self.hub.changed:
+                newest = self.hub.newest
+            for records in record_pages(self.store.after, cursor, newest, wants.names):
+                body.write(sse_messages(records, wants))
+            cursor = newest
+
     def join_stream(self, sock, wants, chunked, cursor):
         """Hand sock over once the ring holds every record after cursor; else return False."""
         with self.hub.changed:
@@ -735,14 +823,14 @@ class Fanout:
                 if self.hub.closed:
                     break
                 newest = self.hub.newest
-                batch = self.hub.frames_after(self._sent)
+                batch = self.hub.frames_after(self._sent, newest)
                 joining, self._joining = self._joining, []
             now = time.monotonic()
             if batch is None:
                 self._broadcast_from_store(newest, now)
             elif batch:
                 self._broadcast(batch, now)
-            self._sent = newest
+                self._sent = batch[-1].id
             for sub in joining:
                 self._add(sub, now)
             self._poll(now)
@@ -761,16 +849,14 @@ class Fanout:
         return max(0.0, min(next_check - time.monotonic(), 0.5))
 
     def _broadcast_from_store(self, newest, now):
-        # The writer fell so far behind that the ring moved on: the database has every record.
-        while self._sent < newest:
-            frames = self._stored_frames(self._sent, newest)
-            if not frames:
-                return
-            self._broadcast(frames, now)
-            self._sent = frames[-1].id
-
-    def _stored_frames(self, after_id, upto_id):
-        return [Frame(r.id, r.event, r.to_sse()) for r in self.store.after(after_id, upto_id)]
+        # This thread fell so far behind that the ring moved on: the database has every record,
+        # and every stream that is not behind needs the same ones.
+        try:
+            for records in record_pages(self.store.after, self._sent, newest):
+                self._broadcast([Frame(r.id, r.event, r.to_sse()) for r in records], now)
+                self._sent = records[-1].id
+        except StoreError:
+            time.sleep(0.1)     # unreadable for now (or closing): try again, not in a busy loop
 
     def _broadcast(self, frames, now):
         payloads = {}     # encoded once per distinct (EventFilter, chunked) in this batch
@@ -821,36 +907,46 @@ class Fanout:
             self._selector.modify(sub.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, sub)
 
     def _catch_up(self, sub, now):
-        """Send what sub missed while its socket was full, until it is level or full again."""
-        while self._subs.get(sub.fd) is sub:
+        """Send what sub missed while its socket was full, a page at a time from the ring, until
+        it is level, full again, or has had CATCH_UP_PAGES (the others wait meanwhile)."""
+        for _ in range(CATCH_UP_PAGES):
             if sub.pending is not None:
                 pending, sub.pending = sub.pending, None
                 self._send(sub, pending, now)
-                if sub.pending is not None:
-                    return    # still full: wait until it can take more
-                continue
+            if sub.pending is not None or self._subs.get(sub.fd) is not sub:
+                return        # full again (wait until it can take more), or dropped
             if sub.cursor >= self._sent:
                 self._behind.discard(sub)
                 self._selector.modify(sub.sock, selectors.EVENT_READ, sub)
                 return
-            frames = self._frames_after(sub.cursor)
-            if not frames:
-                sub.cursor = self._sent
-                continue
+            with self.hub.changed:
+                frames = self.hub.frames_after(sub.cursor, self._sent)
+            if frames is None:
+                self._hand_off(sub)
+                return
             sub.cursor = frames[-1].id
             payload = self._encode(frames, sub)
             if payload:
                 self._send(sub, payload, now)
-            if sub.pending is not None:
-                return        # the socket is full again: wait until it can take more
 
-    def _frames_after(self, cursor):
-        """Frames in (cursor, self._sent]: from the ring, or from the database if it moved on."""
-        with self.hub.changed:
-            frames = self.hub.frames_after(cursor)
-        if frames is None:
-            return self._stored_frames(cursor, self._sent)
-        return [f for f in frames if f.id <= self._sent]
+    def _hand_off(self, sub):
+        """sub fell behind the ring: a connection thread catches it up from the database, so
+        this thread never waits on a read for one stream while the others wait on it."""
+        del self._subs[sub.fd]
+        self._behind.discard(sub)
+        self._selector.unregister(sub.sock)
+        self._owned.discard(sub.sock)
+        self._submit(self._rejoin, sub.sock, sub.wants, sub.chunked, sub.cursor)
+
+    def _rejoin(self, sock, wants, chunked, cursor):
+        joined = False
+        try:
+            sock.settimeout(self.write_timeout)        # blocking now; dropped if it stalls that long
+            joined = self.catch_up_and_join(sock, BodyWriter(sock, chunked), wants, cursor)
+        except (OSError, StoreError):
+            pass
+        if not joined:
+            self._drop_socket(sock)
 
     def _poll(self, now):
         for key, mask in self._selector.select(0):
@@ -1007,7 +1103,7 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address, broker):
         self.broker = broker
         self.watchdog = Watchdog(broker.request_timeout)
-        self.workers = Workers()
+        self.workers = broker.workers
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
@@ -1024,34 +1120,26 @@ class Server(http.server.ThreadingHTTPServer):
             super().shutdown_request(request)
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Parses a request, routes it to one method per endpoint, and writes the bytes."""
+class HTTPHandler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 mechanics, knowing nothing of the broker: the request line, headers and body,
+    JSON errors, and bodies whole or of unknown length. A subclass answers requests: methods()
+    maps each method allowed on a path to the bound method that answers it.
+
+    A request's body is read (by an endpoint of a BODY_METHOD), discarded, or the connection is
+    closed after the answer, so none of its bytes are ever taken for the next request (a body
+    on a GET must not smuggle a second request past a proxy)."""
 
     protocol_version = "HTTP/1.1"          # chunked streams and keep-alive need it
     disable_nagle_algorithm = True         # else a small reply waits for the client's delayed ACK
     default_request_version = "HTTP/1.0"   # a reply to a garbled request line keeps its status line
-    server_version = "broker.py"
+    BODY_METHODS = ("POST",)               # the methods whose endpoints read a body
+    max_body = 1 << 20                     # the largest body read or discarded
     _date = (0, "")                        # (second, Date header): shared, replaced whole
-    ROUTES = {
-        "/insert": {"POST": "post_insert"},
-        "/events": {"GET": "get_events"},
-        "/healthz": {"GET": "get_healthz", "HEAD": "get_healthz"},
-    }
-
-    def setup(self):
-        self.timeout = self.server.broker.request_timeout    # read by StreamRequestHandler.setup
-        super().setup()
-
-    def handle_one_request(self):
-        self.server.watchdog.watch(self.request)      # released once the request has been read
-        try:
-            super().handle_one_request()
-        finally:
-            self.server.watchdog.release(self.request)
 
     def parse_request(self):
         """The request line and headers, as http.server's own method reads them, but with a plain
-        header reader: the email package's parser cost a third of an insert's CPU time."""
+        header reader (the email package's parser cost a third of an insert's CPU time) and no
+        100 Continue: read_body() invites the body once the request has passed its checks."""
         self.command, self.request_version, self.close_connection = None, self.default_request_version, True
         for _ in range(8):      # RFC 9112 2.2: ignore empty lines before the request line
             if self.raw_requestline not in (b"\r\n", b"\n"):
@@ -1061,10 +1149,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         words = self.requestline.split()
         if not words:
             return False
-        if len(words) == 3 and not self._parse_version(words[2]):
-            return False
-        if len(words) not in (2, 3) or (len(words) == 2 and words[0] != "GET"):
+        if len(words) != 3:     # HTTP/0.9 ("GET /path") has no headers, no status line: not served
             self.send_error(400, f"Bad request syntax ({self.requestline!r})")
+            return False
+        if not self._parse_version(words[2]):
             return False
         self.command, self.path = words[:2]
         if self.path.startswith("//"):
@@ -1075,8 +1163,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         connection = self.headers.get("Connection", "").lower()
         if connection in ("close", "keep-alive"):
             self.close_connection = connection == "close" or self.request_version < "HTTP/1.1"
-        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
-            return self.handle_expect_100()
         return True
 
     def _parse_version(self, version):
@@ -1114,93 +1200,238 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self._dispatch()
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
-
-    def do_OPTIONS(self):
-        self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization, Last-Event-ID")
-        self.send_header("Access-Control-Max-Age", "3600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
     def _dispatch(self):
-        self._body_read = self._headers_sent = False
-        if self.command != "POST":
-            self.server.watchdog.release(self.request)
+        self._body_read, self._head_sent, self.body = False, False, None
         try:
-            self._route()()
+            endpoint = self._endpoint()
+            if self.command not in self.BODY_METHODS:
+                self._discard_body()
+            self.answer(endpoint)
         except RequestError as error:
             self._refuse(error.status, error.message, error.headers)
-        except StoreError as error:
-            self._refuse(503, str(error))
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True      # the client went away: normal, end quietly
         except Exception:
             traceback.print_exc()
             self.close_connection = True
-            if not self._headers_sent:
+            if not self._response_started():
                 self._send_json(500, {"error": "internal error"})
-
-    def _refuse(self, status, message, headers=()):
-        if self._headers_sent:
-            self.close_connection = True         # mid-response: ending it is all that is left
-            return
         if self._body_unread():
-            self.close_connection = True         # its bytes would be read as the next request
-        self._send_json(status, {"error": message}, headers)
+            self.close_connection = True      # its bytes would be read as the next request
 
-    def _body_unread(self):
-        length = self.headers.get("Content-Length", "0").strip()
-        return not self._body_read and (length != "0" or "Transfer-Encoding" in self.headers)
+    def answer(self, endpoint):
+        """Run the endpoint; a subclass may turn its own exceptions into RequestErrors here."""
+        endpoint()
 
-    def _route(self):
+    def _endpoint(self):
+        """The bound method for this request: HEAD is answered as GET, without the body."""
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError(411, "Transfer-Encoding is not supported; send the body with Content-Length")
+        self._content_length()       # a malformed one is refused whatever the method
         try:
             self.url = urllib.parse.urlsplit(self.path)
         except ValueError:
             raise RequestError(400, "the request target is not a valid URL") from None
         self.query = urllib.parse.parse_qs(self.url.query, keep_blank_values=True)
-        methods = self.ROUTES.get(self.url.path)
-        if methods is None and self.url.path.startswith("/audit/"):
-            methods = {"GET": "get_audit"}
-        if methods is None and self.server.broker.static:
-            methods = {"GET": "get_static", "HEAD": "get_static"}
-        if methods is None:
-            raise RequestError(404, f"no such endpoint: {self.url.path}")
+        methods = self.methods(self.url.path)
+        if "GET" in methods:
+            methods.setdefault("HEAD", methods["GET"])
         if self.command not in methods:
-            allowed = ", ".join(list(methods) + ["OPTIONS"])
-            raise RequestError(405, f"{self.command} is not allowed here; use {allowed}",
-                               [("Allow", allowed)])
-        return getattr(self, methods[self.command])
+            allowed = ", ".join(m for m in ("GET", "HEAD", "POST", "OPTIONS") if m in methods)
+            raise RequestError(405, f"{self.command} is not allowed here; use {allowed}", [("Allow", allowed)])
+        return methods[self.command]
 
-    def post_insert(self):
-        allowed = self._allowed("publish")
-        event, data = parse_insert(self._read_json_body())
-        if allowed is not None and not allowed.fullmatch(event):
-            raise RequestError(403, f"the token does not allow publishing {event!r}")
-        record = self.server.broker.store.insert(event, data)
-        self._send_bytes(200, record.to_json(), "application/json")
+    def methods(self, path):
+        """{method: bound method} for path; raise RequestError(404) for a path not served."""
+        raise RequestError(404, f"no such endpoint: {path}")
 
-    def _read_json_body(self):
-        content_type = self.headers.get("Content-Type", "")
-        if content_type.split(";")[0].strip().lower() != "application/json":
-            raise RequestError(415, "Content-Type must be application/json")
-        if "Transfer-Encoding" in self.headers or "Content-Length" not in self.headers:
-            raise RequestError(411, "Content-Length is required")
-        length_text = self.headers["Content-Length"].strip()
-        if not (length_text.isascii() and length_text.isdigit()):
+    def _content_length(self):
+        """The Content-Length as an integer (0 when absent); 400 when it is not one."""
+        text = self.headers.get("Content-Length", "0")
+        if not (text.isascii() and text.isdigit()):
             raise RequestError(400, "Content-Length must be a non-negative integer")
-        length = int(length_text)
-        max_body = self.server.broker.max_body
-        if length > max_body:
-            raise RequestError(413, f"body is larger than {max_body} bytes")
+        digits = text.lstrip("0")
+        return int(digits or "0") if len(digits) <= 19 else 1 << 64      # int() refuses 4,300+ digits
+
+    def _expects_continue(self):
+        return self.headers.get("Expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1"
+
+    def read_body(self):
+        """The request's body, up to max_body bytes: call once the request has passed every
+        check, since a client waiting for 100 Continue is invited to send it only now."""
+        if "Content-Length" not in self.headers:
+            raise RequestError(411, "Content-Length is required")
+        length = self._content_length()
+        if length > self.max_body:
+            raise RequestError(413, f"body is larger than {self.max_body} bytes")
+        if self._expects_continue():
+            self.wfile.write(b"%s 100 Continue\r\n\r\n" % self.protocol_version.encode())
         body = self.rfile.read(length)
         self._body_read = True
-        self.server.watchdog.release(self.request)
+        self.request_read()
         if len(body) < length:
             self.close_connection = True
             raise RequestError(400, "body is shorter than its Content-Length")
         return body
+
+    def _discard_body(self):
+        """Read and drop the body of a method that takes none; one never invited or too large
+        is left unread, and the connection then ends with the answer."""
+        length = self._content_length()
+        if length and not self._expects_continue() and length <= self.max_body:
+            self._body_read = len(self.rfile.read(length)) == length
+        elif not length:
+            self._body_read = True
+        self.request_read()
+
+    def request_read(self):
+        """Called once the request (and any body) has been read; a subclass may stop a timer."""
+
+    def _body_unread(self):
+        if self.headers is None or self._body_read:
+            return False
+        return self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+
+    def _refuse(self, status, message, headers=()):
+        if self._response_started():
+            self.close_connection = True         # mid-response: ending it is all that is left
+            return
+        if self._body_unread():
+            self.close_connection = True
+        self.body = None                         # a body begun but not sent gives way to the error
+        self._headers_buffer = []
+        self._send_json(status, {"error": message}, headers)
+
+    def _response_started(self):
+        """True once any byte of a response has been sent: no other status can be sent then."""
+        return self._head_sent or (self.body is not None and self.body.started)
+
+    def send_error(self, code, message=None, explain=None):
+        # The base class calls this for malformed requests too; they get JSON like the rest.
+        self.close_connection = True
+        self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
+
+    def _send_json(self, status, value, headers=()):
+        self.send_bytes(status, json_bytes(value), "application/json", headers)
+
+    def send_bytes(self, status, body, content_type=None, headers=()):
+        """A whole response; HEAD gets its headers alone."""
+        self.send_response(status)
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self._head_sent = True
+        self.wfile.write(self._take_head() + (b"" if self.command == "HEAD" else body))
+
+    def start_body(self, content_type, headers=()):
+        """Begin a body of unknown length (chunked, or ended by closing for HTTP/1.0); write it
+        with self.body, whose first write carries the head."""
+        chunked = self.request_version != "HTTP/1.0"
+        self.close_connection = self.close_connection or not chunked
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        for name, value in headers:
+            self.send_header(name, value)
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+        self.body = BodyWriter(self.connection, chunked, self._take_head(), head_only=self.command == "HEAD")
+
+    def _take_head(self):
+        """The status line and headers so far, to go out in one write with the body's start."""
+        head = b"".join(self._headers_buffer) + b"\r\n"
+        self._headers_buffer = []
+        return head
+
+    def date_time_string(self, timestamp=None):
+        # The base class formats the Date header anew for every response; once a second will do.
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        cached = HTTPHandler._date
+        if cached[0] != second:
+            cached = HTTPHandler._date = (second, super().date_time_string(second))
+        return cached[1]
+
+    def log_error(self, format, *args):
+        if not format.startswith("Request timed out"):    # an idle keep-alive connection: normal
+            super().log_error(format, *args)
+
+    def log_message(self, format, *args):
+        # Escaped as http.server does since 3.12: a request line must not write raw ESC or CR.
+        message = (format % args).translate(LOG_ESCAPES)
+        sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
+
+
+class Handler(HTTPHandler):
+    """The broker's endpoints, one method each, named verb-then-path; settings come from
+    self.server.broker."""
+
+    server_version = "broker.py"
+    ROUTES = {
+        "/insert": {"POST": "post_insert"},
+        "/events": {"GET": "get_events"},
+        "/healthz": {"GET": "get_healthz"},
+    }
+
+    def setup(self):
+        self.timeout = self.server.broker.request_timeout    # read by StreamRequestHandler.setup
+        super().setup()
+
+    @property
+    def max_body(self):
+        return self.server.broker.max_body
+
+    def handle_one_request(self):
+        self.server.watchdog.watch(self.request)      # released once the request has been read
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.watchdog.release(self.request)
+
+    def request_read(self):
+        self.server.watchdog.release(self.request)
+
+    def methods(self, path):
+        names = self.ROUTES.get(path)
+        if names is None and path.startswith("/audit/"):
+            names = {"GET": "get_audit"}
+        if names is None and self.server.broker.static:
+            names = {"GET": "get_static"}
+        if names is None and self.command != "OPTIONS":      # a preflight is answered anywhere
+            raise RequestError(404, f"no such endpoint: {path}")
+        names = names or {}
+        return {**{method: getattr(self, name) for method, name in names.items()}, "OPTIONS": self.options_any}
+
+    def answer(self, endpoint):
+        try:
+            endpoint()
+        except StoreError as error:
+            raise RequestError(503, str(error)) from None
+
+    def options_any(self):
+        self.send_bytes(204, b"", headers=[
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", "Content-Type, Authorization, Last-Event-ID"),
+            ("Access-Control-Max-Age", "3600")])
+
+    def post_insert(self):
+        allowed = self._allowed("publish")
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(415, "Content-Type must be application/json")
+        event, data = parse_insert(self.read_body())
+        if allowed is not None and not allowed.fullmatch(event):
+            raise RequestError(403, f"the token does not allow publishing {event!r}")
+        record = self.server.broker.store.insert(event, data)
+        self.send_bytes(200, record.to_json(), "application/json")
 
     def get_events(self):
         wants = EventFilter(self._event_names(), self._allowed("subscribe"))
@@ -1209,21 +1440,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         for name in wants.names or ():
             if not wants.matches(name):
                 raise RequestError(403, f"the token does not allow subscribing to {name!r}")
+        if self.command == "HEAD":
+            self._start_stream()
+            self.body.end()
+            return
         broker = self.server.broker
         if not broker.fanout.open_stream(broker.max_clients):
             self._refuse_stream(broker.max_clients)
             return
         handed_over = False
         try:
+            self.connection.settimeout(broker.write_timeout)     # a reader may take its time, not forever
             self._start_stream()
             cursor = self._sync(broker, wants)
-            while not handed_over:
-                handed_over = broker.fanout.join_stream(self.request, wants, self._chunked, cursor)
-                if not handed_over:
-                    if broker.hub.closed:
-                        self._end_body()
-                        break
-                    cursor = self._catch_up(broker, wants, cursor)
+            handed_over = broker.fanout.catch_up_and_join(self.connection, self.body, wants, cursor)
         finally:
             self.close_connection = True
             if not handed_over:
@@ -1236,9 +1466,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # A 503 would end a browser's EventSource for good; a stream that only says when to
         # come back makes it reconnect later instead.
         self.close_connection = True
-        self._start_body("text/event-stream", [("Cache-Control", "no-cache")])
-        self._write_chunk(b"retry: %d\n\n" % FULL_RETRY_MS)
-        self._end_body()
+        self.start_body("text/event-stream", [("Cache-Control", "no-cache")])
+        self.body.write(b"retry: %d\n\n" % FULL_RETRY_MS)
+        self.body.end()
 
     def _event_names(self):
         names = self.query.get("event")
@@ -1253,37 +1483,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         text = self.headers.get("Last-Event-ID")
         if text is None:
             text = (self.query.get("lastEventId") or self.query.get("last_event_id") or [None])[0]
-        if text is None or not (text.strip().isascii() and text.strip().isdigit()):
-            return None
-        resume = int(text)
-        return resume if resume <= newest else None     # a larger id: the database was replaced
+        resume = None if text is None else int64(text.strip())
+        return resume if resume is not None and resume <= newest else None   # larger: the database was replaced
 
     def _start_stream(self):
-        self._start_body("text/event-stream", [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
-        self._write_chunk(b"retry: %d\n\n" % RETRY_MS)
-
-    def _start_body(self, content_type, headers=()):
-        """Headers for a body of unknown length: chunked, or ended by closing for HTTP/1.0."""
-        self._chunked = self.request_version != "HTTP/1.0"
-        self.close_connection = self.close_connection or not self._chunked
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        for name, value in headers:
-            self.send_header(name, value)
-        if self._chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.send_header("Connection", "close")
-        self._out = [self._take_head()]      # sent with the first part of the body
-        self._out_size = 0
-
-    def _end_body(self):
-        if self._chunked:
-            self._out.append(END_OF_STREAM)
-        self._flush()
+        self.start_body("text/event-stream", [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
+        self.body.write(b"retry: %d\n\n" % RETRY_MS)
 
     def _sync(self, broker, wants):
-        """Send the sync (or the resume's replay) and the id-only block; return its cursor."""
+        """Write the sync (or the resume's replay) and the id-only block; return its cursor.
+        Nothing is sent before the first page is read, so a database error is still a 503."""
         with broker.hub.changed:
             newest = broker.hub.newest
         resume = self._resume_id(newest)
@@ -1291,10 +1500,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_full_sync(broker, newest)
         else:
             read_page = broker.store.latest if resume is None else broker.store.after
-            for page in stored_pages(read_page, wants, 0 if resume is None else resume, newest):
-                self._write_chunk(page)
-        self._write_chunk(b"id: %d\n\n" % newest)
-        self._flush()
+            for records in record_pages(read_page, resume or 0, newest, wants.names):
+                self.body.write(sse_messages(records, wants))
+        self.body.write(b"id: %d\n\n" % newest)
         return newest
 
     def _send_full_sync(self, broker, newest):
@@ -1302,25 +1510,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # connecting at once costs one database read, not one each.
         cached = broker.hub.cached_sync(newest)
         if cached is not None:
-            self._write_chunk(cached)
+            self.body.write(cached)
             return
         pages, size = [], 0
-        for page in stored_pages(broker.store.latest, EVERYTHING, 0, newest):
-            self._write_chunk(page)
+        for records in record_pages(broker.store.latest, 0, newest):
+            page = sse_messages(records, EVERYTHING)
+            self.body.write(page)
             size += len(page)
             if size <= SYNC_CACHE_BYTES:
                 pages.append(page)
         if size <= SYNC_CACHE_BYTES:
             broker.hub.cache_sync(newest, b"".join(pages))
-
-    def _catch_up(self, broker, wants, cursor):
-        """Send, from the database, what was committed after cursor; return the new cursor."""
-        with broker.hub.changed:
-            newest = broker.hub.newest
-        for page in stored_pages(broker.store.after, wants, cursor, newest):
-            self._write_chunk(page)
-        self._flush()
-        return newest
 
     def get_audit(self):
         allowed = self._allowed("subscribe")
@@ -1330,13 +1530,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         since = non_negative_int(self._query_value("since", "0"), "since")
         limit = self._query_value("limit", None)
         limit = None if limit is None else non_negative_int(limit, "limit")
+        self.connection.settimeout(self.server.broker.write_timeout)
         parts = audit_json(self.server.broker.store, event, since, limit)
         first = next(parts)          # the database is read before the status line is promised
-        self._start_body("application/json")
-        self._write_chunk(first)
+        self.start_body("application/json")
+        self.body.write(first)
         for part in parts:
-            self._write_chunk(part)
-        self._end_body()
+            self.body.write(part)
+        self.body.end()
 
     def _path_event(self):
         try:
@@ -1375,7 +1576,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def get_healthz(self):
         broker = self.server.broker
         body = json_bytes({"status": "ok", "subscribers": broker.fanout.count(), "last_id": broker.hub.newest})
-        self._send_bytes(200, body, "application/json")
+        self.send_bytes(200, body, "application/json")
 
     def get_static(self):
         path = static_file(self.server.broker.static, self.url.path)
@@ -1383,17 +1584,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if content_type.startswith("text/") or content_type in ("application/javascript", "application/json"):
             content_type += "; charset=utf-8"
         with open(path, "rb") as file:
-            self._send_bytes(200, file.read(), content_type)
-
-    def date_time_string(self, timestamp=None):
-        # The base class formats the Date header anew for every response; once a second will do.
-        if timestamp is not None:
-            return super().date_time_string(timestamp)
-        second = int(time.time())
-        cached = Handler._date
-        if cached[0] != second:
-            cached = Handler._date = (second, super().date_time_string(second))
-        return cached[1]
+            self.send_bytes(200, file.read(), content_type)
 
     def send_response(self, code, message=None):
         super().send_response(code, message)
@@ -1402,55 +1593,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if origin != "*":
             self.send_header("Vary", "Origin")
 
-    def send_error(self, code, message=None, explain=None):
-        # The base class calls this for malformed requests too; they get JSON like the rest.
-        self.close_connection = True
-        self._send_json(code, {"error": message or http.HTTPStatus(code).phrase})
-
-    def _send_json(self, status, value, headers=()):
-        self._send_bytes(status, json_bytes(value), "application/json", headers)
-
-    def _send_bytes(self, status, body, content_type, headers=()):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in headers:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.wfile.write(self._take_head() + (b"" if self.command == "HEAD" else body))
-
-    def _take_head(self):
-        """The status line and headers so far, to go out in one write with the body's start."""
-        head = b"".join(self._headers_buffer) + b"\r\n"
-        self._headers_buffer = []
-        self._headers_sent = True
-        return head
-
-    def end_headers(self):
-        super().end_headers()
-        self._headers_sent = True
-
-    def _write_chunk(self, payload):
-        """Queue a piece of the body; it goes out in writes of up to WRITE_BYTES."""
-        if payload:
-            self._out.append(body_part(payload, self._chunked))
-            self._out_size += len(payload)
-            if self._out_size >= WRITE_BYTES:
-                self._flush()
-
-    def _flush(self):
-        self.wfile.write(b"".join(self._out))
-        self._out, self._out_size = [], 0
-
-    def log_error(self, format, *args):
-        if not format.startswith("Request timed out"):    # an idle keep-alive connection: normal
-            super().log_error(format, *args)
-
     def log_message(self, format, *args):
         if not self.server.broker.quiet:
-            message = TOKEN_IN_URL.sub(r"\1[redacted]", format % args)
-            sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
+            super().log_message("%s", redact_tokens(format % args))
 
 
 def static_file(root, url_path):
@@ -1459,24 +1604,27 @@ def static_file(root, url_path):
     if "\x00" in relative:
         raise RequestError(404, f"no such file: {url_path}")
     root = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(root, relative))
-    if os.path.commonpath([root, path]) != root:
-        raise RequestError(404, f"no such file: {url_path}")
+    path = os.path.join(root, relative)
     if os.path.isdir(path):
         path = os.path.join(path, "index.html")
-    if not os.path.isfile(path):
+    path = os.path.realpath(path)       # after choosing index.html: it may be a link out too
+    if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
         raise RequestError(404, f"no such file: {url_path}")
     return path
 
 
-def stored_pages(read_page, wants, cursor, newest):
-    """Yield, a page at a time, the SSE messages of read_page's records in (cursor, newest]."""
-    while cursor < newest:
-        records = read_page(cursor, newest, wants.names)
+def record_pages(read_page, after_id, upto_id, events=None):
+    """Yield read_page's pages (each bounded in bytes) of records in (after_id, upto_id], in id order."""
+    while after_id < upto_id:
+        records = read_page(after_id, upto_id, events)
         if not records:
             return
-        yield b"".join(r.to_sse() for r in records if wants.matches(r.event))
-        cursor = records[-1].id
+        yield records
+        after_id = records[-1].id
+
+
+def sse_messages(records, wants):
+    return b"".join(r.to_sse() for r in records if wants.matches(r.event))
 
 
 def audit_json(store, event, since=0, limit=None):
@@ -1520,7 +1668,8 @@ class Broker:
             raise ValueError(f"static folder not found: {self.static}")
         self.store = Store(self.db, self.sync, on_commit=self._on_commit)
         self.hub = Hub(self.store.newest_id())
-        self.fanout = Fanout(self.hub, self.store, self.heartbeat, self.write_timeout)
+        self.workers = Workers()
+        self.fanout = Fanout(self.hub, self.store, self.heartbeat, self.write_timeout, self.workers.submit)
         if self.max_clients is None:
             self.max_clients = default_max_clients()
         try:
