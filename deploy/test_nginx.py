@@ -6,8 +6,9 @@
 One broker (`--port 0 --heartbeat 1 --origin ...`, a temporary db) and one nginx (a child
 process, not a daemon) serve every test. nginx runs the documented block as it is, but for
 the two port lines; its http { } block gzips event streams, as many servers' do, so the
-documented block has to turn that off. Without nginx the tests are skipped, or fail when
-CI=true.
+documented block has to turn that off. SmugglingThroughNginxTests hide a POST /insert in the
+body of a GET (by Content-Length, then chunked) and check it is never stored. Without nginx the
+tests are skipped, or fail when CI=true.
 """
 import http.client
 import json
@@ -213,9 +214,9 @@ class EventStream:
     """GET /events through nginx on a plain socket: the response head, then one SSE block
     at a time. nginx re-chunks the broker's chunked body, so it is de-chunked as it comes."""
 
-    def __init__(self, headers=()):
+    def __init__(self, headers=(), path="/events"):
         self.sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-        request = ["GET /events HTTP/1.1", "Host: 127.0.0.1", "Accept: text/event-stream",
+        request = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Accept: text/event-stream",
                    "Accept-Encoding: gzip", *headers]
         self.sock.sendall(("\r\n".join(request) + "\r\n\r\n").encode())
         self.raw = b""      # bytes received and not yet de-chunked
@@ -281,6 +282,13 @@ class EventStream:
             if not is_comment(block):
                 return fields(block)
 
+    def record_within(self, timeout):
+        """The next record if one arrives within timeout seconds, else None."""
+        try:
+            return self.next_record(timeout)
+        except AssertionError:          # next_block's "no complete SSE block within"
+            return None
+
     def read_through_id_only_block(self, timeout=5):
         """Records up to the id-only block that ends the backlog, and that block's id."""
         records = []
@@ -291,6 +299,25 @@ class EventStream:
                 return records, record["id"]
             if "retry" not in record:
                 records.append(record)
+
+
+def send_raw(data):
+    """Bytes sent to nginx on a plain socket, and all it answered until it closed the connection."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+
+
+def hidden_insert(event):
+    """A whole POST /insert request for event, as bytes, to hide in another request's body."""
+    body = json.dumps({"event": event, "data": "smuggled"}).encode()
+    return (b"POST /insert HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
 
 def is_comment(block):
@@ -378,6 +405,40 @@ class InsertThroughNginxTests(unittest.TestCase):
         name = unique_event(self)
         status, _, _ = call("POST", "/insert", {"event": name, "data": "x" * 1_100_000})
         self.assertEqual(status, 413)
+
+
+class SmugglingThroughNginxTests(unittest.TestCase):
+    """A GET whose body is a whole POST /insert: nginx passes the body on to the broker (with a
+    Content-Length, even when the client sent it chunked), and a broker that ignores a GET's body
+    would read it as the next request on that upstream connection, an insert nobody sent. Either
+    fix will do (the body discarded, or the connection closed): the hidden insert is never stored."""
+
+    def setUp(self):
+        self.name = unique_event(self)
+        self.stream = EventStream(path=f"/events?event={self.name}")
+        self.addCleanup(self.stream.close)
+        self.stream.read_through_id_only_block()
+
+    def assert_hidden_insert_not_stored(self):
+        # A stored insert reaches the stream within milliseconds; a second is ample.
+        self.assertIsNone(self.stream.record_within(timeout=1), "the hidden insert was stored")
+        status, _, body = call("GET", f"/audit/{self.name}")
+        self.assertEqual((status, body), (200, {}))
+
+    def test_a_post_hidden_in_a_get_body_by_content_length_is_not_stored(self):
+        hidden = hidden_insert(self.name)
+        answer = send_raw(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(hidden), hidden))
+        self.assertRegex(answer, rb"^HTTP/1\.1 \d{3} ", "nginx answered the GET")
+        self.assert_hidden_insert_not_stored()
+
+    def test_a_post_hidden_in_a_chunked_get_body_is_not_stored(self):
+        hidden = hidden_insert(self.name)
+        answer = send_raw(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                          b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                          % (len(hidden), hidden))
+        self.assertRegex(answer, rb"^HTTP/1\.1 \d{3} ", "nginx answered the GET")
+        self.assert_hidden_insert_not_stored()
 
 
 class CorsThroughNginxTests(unittest.TestCase):
