@@ -1205,10 +1205,10 @@ class HTTPHandler(http.server.BaseHTTPRequestHandler):
     def _dispatch(self):
         self._body_read, self._head_sent, self.body = False, False, None
         try:
-            endpoint = self._endpoint()
+            self._check_framing()
             if self.command not in self.BODY_METHODS:
                 self._discard_body()
-            self.answer(endpoint)
+            self.answer(self._endpoint())
         except RequestError as error:
             self._refuse(error.status, error.message, error.headers)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
@@ -1225,11 +1225,14 @@ class HTTPHandler(http.server.BaseHTTPRequestHandler):
         """Run the endpoint; a subclass may turn its own exceptions into RequestErrors here."""
         endpoint()
 
-    def _endpoint(self):
-        """The bound method for this request: HEAD is answered as GET, without the body."""
+    def _check_framing(self):
+        """Refuse a body whose end is in doubt, whatever the method."""
         if "Transfer-Encoding" in self.headers:
             raise RequestError(411, "Transfer-Encoding is not supported; send the body with Content-Length")
-        self._content_length()       # a malformed one is refused whatever the method
+        self._content_length()
+
+    def _endpoint(self):
+        """The bound method for this request: HEAD is answered as GET, without the body."""
         try:
             self.url = urllib.parse.urlsplit(self.path)
         except ValueError:
@@ -1764,6 +1767,9 @@ def subscribe(url, events=None, last_event_id=None, timeout=None, token=None):
     parser = EventStreamParser(last_event_id)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
+        # A fresh parser per connection, as a browser does: a record cut off by the drop is
+        # discarded and asked for again, since the last id is that of the last whole record.
+        parser = EventStreamParser(parser.last_event_id, parser.retry)
         try:
             for record in stream_once(url, query, parser, timeout, token):
                 yield record
@@ -1818,12 +1824,14 @@ def error_message(status, body):
 
 
 class EventStreamParser:
-    """Server-Sent Events, parsed as the WHATWG rules say: CRLF, LF or CR line ends, comments,
-    multi-line data, and the last event id kept across connections."""
+    """Server-Sent Events on one connection, parsed as the WHATWG rules say: CRLF, LF or CR line
+    ends, comments, multi-line data. last_event_id is that of the last event dispatched (an
+    id: line counts only once its block is complete), to be sent as Last-Event-ID next time."""
 
-    def __init__(self, last_event_id=None):
+    def __init__(self, last_event_id=None, retry=RETRY_MS / 1000):
         self.last_event_id = "" if last_event_id is None else str(last_event_id)
-        self.retry = RETRY_MS / 1000
+        self.retry = retry
+        self._id = self.last_event_id          # the id buffer: the block being read may change it
         self._text = ""
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._reset()
@@ -1855,13 +1863,14 @@ class EventStreamParser:
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
-            self.last_event_id = value
+            self._id = value
         elif name == "retry" and value.isascii() and value.isdigit():
             self.retry = int(value) / 1000
         return None          # a comment (name == "") or an unknown field
 
     def _dispatch(self):
         event, data = self._event or "message", self._data
+        self.last_event_id = self._id
         self._reset()
         if not data:
             return None      # an id-only block moves the cursor and fires nothing

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import re
 import select
 import shutil
@@ -206,6 +207,28 @@ def subscribers(server):
     return call(server, "GET", "/healthz")[1]["subscribers"]
 
 
+def run_broker_process(test, *args):
+    """python broker.py --port 0 --quiet ... in a subprocess, stopped at cleanup; (process, Remote)."""
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", "--quiet", *args],
+                               stdout=subprocess.PIPE)
+    test.addCleanup(process.wait)
+    test.addCleanup(process.terminate)
+    test.addCleanup(process.stdout.close)
+    return process, Remote(process.stdout.readline().decode().split()[3])
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        kib = next(line for line in status if line.startswith("VmRSS:")).split()[1]
+    return int(kib) / 1024
+
+
+def insert_request(event, data):
+    body = json.dumps({"event": event, "data": data}).encode()
+    return (b"POST /insert HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
 class InsertTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -240,6 +263,9 @@ class InsertTests(unittest.TestCase):
         name = unique_event(self)
         cases = [
             (b"\xff\xfe{}", "not valid UTF-8"),
+            (b'{"event": "a", "data": 1, "x": "\\ud800"}', "lone surrogate"),
+            (b'{"event": "a", "data": 1, "\\udc00": 2}', "lone surrogate"),
+            (b'{"event": "a", "data": 1, "x": [{"y": "\\ud800"}]}', "lone surrogate"),
             (b"{not json", "not valid JSON"),
             (b"", "not valid JSON"),
             (b"[1, 2]", "must be a JSON object"),
@@ -579,6 +605,37 @@ def sign(claims, secret, alg="HS256"):
     return signing_input + "." + encode(hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest())
 
 
+class SyncSnapshotTests(unittest.TestCase):
+    """The sync is the latest of each event as of its id-only block P, however long it takes."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, sync="normal")
+
+    def test_sync_longer_than_a_page_is_a_snapshot_while_every_event_changes(self):
+        # 2,000 events of 10 kB: a sync of 20 MB, many pages, more than the sockets buffer. The
+        # client reads nothing until every event has a newer version: the pages the server
+        # reads after that must still hold each event as it was at the id-only block.
+        prefix = unique_event(self)
+        names = [f"{prefix}-{n}" for n in range(2000)]
+        first = {name: self.broker.publish(name, "x" * 10000)["id"] for name in names}
+        newest = self.broker.hub.newest
+        stream = EventStream(self.broker)
+        self.addCleanup(stream.close)
+        filtered = EventStream(self.broker, "/events?" + urllib.parse.urlencode([("event", n) for n in names[-100:]]))
+        self.addCleanup(filtered.close)
+        updates = [self.broker.publish(name, "new") for name in names]
+        records, block = stream.read_sync()
+        self.assertEqual(block, newest)
+        synced = {r["event"]: r["id"] for r in records if r["event"].startswith(prefix + "-")}
+        self.assertEqual(synced, first)
+        self.assertEqual([r["id"] for r in records], sorted(r["id"] for r in records))
+        self.assertEqual([stream.read_message()["id"] for _ in updates], [u["id"] for u in updates])
+        records, block = filtered.read_sync()
+        self.assertEqual(({r["event"]: r["id"] for r in records}, block),
+                         ({name: first[name] for name in names[-100:]}, newest))
+
+
 class TokenTests(unittest.TestCase):
     """Fixed tokens: --publish-token and --subscribe-token."""
 
@@ -690,6 +747,13 @@ class JwtTests(unittest.TestCase):
             events = [r["event"] for r in resumed.read_sync()[0]]
             self.assertNotIn("secret", events)
             self.assertEqual(events[:2], ["user", "chat.room"])
+
+    def test_a_token_nested_too_deeply_to_parse_is_401(self):
+        header = base64.urlsafe_b64encode(b"[" * 20000 + b"]" * 20000).rstrip(b"=").decode()
+        claims = base64.urlsafe_b64encode(b"{}").rstrip(b"=").decode()
+        status, body, headers = call(self.broker, "GET", "/audit/user", headers={"Authorization": f"Bearer {header}.{claims}.x"})
+        self.assertEqual((status, body), (401, {"error": "the bearer token is not valid: not a JWT"}))
+        self.assertEqual(headers["WWW-Authenticate"], 'Bearer error="invalid_token"')
 
     def test_asking_for_a_forbidden_event_is_403(self):
         token = self.token(subscribe=["chat.*"])
@@ -823,6 +887,35 @@ class FaultTests(unittest.TestCase):
         self.assertEqual((status, record["data"]), (200, 3))
         self.assertEqual(call(read_only, "GET", "/audit/during")[1], {})
 
+    def test_reads_keep_working_at_the_file_size_limit_and_writes_recover(self):
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        db = os.path.join(folder.name, "broker.db")
+        process, server = run_broker_process(self, "--db", db)
+        self.assertEqual(insert(server, {"event": "w", "data": 1})[0], 200)
+        limit = min(os.path.getsize(db + suffix) for suffix in ("", "-wal"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (limit, hard))    # as a full quota does (EFBIG)
+        for size in (100, 500000, 100):          # the later ones reopen the file first
+            status, body, _ = insert(server, {"event": "w", "data": "x" * size})
+            self.assertEqual(status, 503)
+            self.assertIn("the database refused the write", body["error"])
+            self.assert_reads_work(server, "w", [1])
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        status, record, _ = insert(server, {"event": "w", "data": 2})
+        self.assertEqual(status, 200)
+        self.assert_reads_work(server, "w", [1, 2])
+
+    def assert_reads_work(self, server, event, history):
+        with EventStream(server) as reader:
+            records, _ = reader.read_sync()
+        self.assertEqual([r["data"] for r in records if r["event"] == event], history[-1:])
+        status, versions, _ = call(server, "GET", f"/audit/{event}")
+        self.assertEqual((status, list(versions.values())), (200, history))
+        with EventStream(server, headers={"Last-Event-ID": "0"}) as reader:
+            records, _ = reader.read_sync()
+        self.assertEqual([r["data"] for r in records if r["event"] == event], history)
+
     def test_full_disk_gives_503_and_recovers(self):
         folder = self.small_disk()
         disk = start_broker(type(self), db=os.path.join(folder, "broker.db"))
@@ -841,6 +934,7 @@ class FaultTests(unittest.TestCase):
         statuses = [insert(disk, {"event": "fill", "data": "x" * 20000})[0] for _ in range(5)]
         self.assertIn(503, statuses)
         refused = disk.hub.newest
+        self.assert_reads_work(disk, "fill", ["x" * 20000] * statuses.count(200))
         os.remove(filler)
         status, record, _ = insert(disk, {"event": "after", "data": 1})
         self.assertEqual(status, 200)
@@ -850,6 +944,148 @@ class FaultTests(unittest.TestCase):
             received = stream.read_message()
         self.assertEqual(received["id"], record["id"])
         self.assertEqual(len(disk.audit("fill")), statuses.count(200))
+
+
+class MemoryTests(unittest.TestCase):
+    """Records of about 1 MB (the default --max-body): a slow reader of a resume, an audit or a
+    live stream that fell behind costs the broker about one page, however far behind it is."""
+    RECORDS = 60
+    DATA = "x" * 1000000
+    GROWTH_MIB = 40
+
+    @classmethod
+    def setUpClass(cls):
+        cls.folder = tempfile.TemporaryDirectory()
+        cls.addClassCleanup(cls.folder.cleanup)
+
+    def start(self):
+        process, server = run_broker_process(self, "--db", os.path.join(self.folder.name, f"{self.id()}.db"),
+                                             "--sync", "normal", "--write-timeout", "60")
+        self.publish_many(server, self.RECORDS)
+        return process, server
+
+    def publish_many(self, server, count):
+        connection = http.client.HTTPConnection(*address(server), timeout=TIMEOUT * 4)
+        self.addCleanup(connection.close)
+        for _ in range(count):
+            connection.request("POST", "/insert", json.dumps({"event": "big", "data": self.DATA}),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            self.assertEqual(response.status, 200)
+
+    def slow_reader(self, server, request):
+        """A socket that asked for request and reads 64 KiB every 0.1 s from a small buffer."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.settimeout(TIMEOUT)
+        sock.connect(address(server))
+        self.addCleanup(sock.close)
+        sock.sendall(request)
+        return sock
+
+    def growth_while_reading(self, process, readers, seconds=3.0):
+        """The broker's largest RSS growth while readers read slowly, in MiB; and bytes read."""
+        start = rss_mib(process.pid)
+        peak, received = start, 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for sock in readers:
+                received += len(sock.recv(65536))
+            peak = max(peak, rss_mib(process.pid))
+            time.sleep(0.1)
+        return peak - start, received
+
+    def test_slow_resumes_of_large_records(self):
+        process, server = self.start()
+        readers = [self.slow_reader(server, b"GET /events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n\r\n")
+                   for _ in range(3)]
+        growth, received = self.growth_while_reading(process, readers)
+        self.assertGreater(received, 3 * 65536)
+        self.assertLess(growth, self.GROWTH_MIB)
+
+    def test_slow_audits_of_large_records(self):
+        process, server = self.start()
+        readers = [self.slow_reader(server, b"GET /audit/big HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(2)]
+        growth, received = self.growth_while_reading(process, readers)
+        self.assertGreater(received, 2 * 65536)
+        self.assertLess(growth, self.GROWTH_MIB)
+
+    def test_live_subscribers_catching_up_from_the_database(self):
+        process, server = self.start()
+        readers = [self.slow_reader(server, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(4)]
+        wait_until(lambda: subscribers(server) == 4)
+        self.publish_many(server, 40)       # 40 MB: past the ring, so they catch up from the database
+        growth, received = self.growth_while_reading(process, readers)
+        self.assertGreater(received, 4 * 65536)
+        self.assertLess(growth, self.GROWTH_MIB)
+        self.assertEqual(subscribers(server), 4)
+
+
+class FramingTests(unittest.TestCase):
+    """Where one request ends: bodies on methods that take none, Transfer-Encoding, Expect, HEAD."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, max_body=65536)
+
+    def test_a_body_on_a_method_that_takes_none_never_becomes_a_request(self):
+        for method, path in [("GET", "/healthz"), ("HEAD", "/healthz"), ("OPTIONS", "/insert"),
+                             ("GET", "/audit/x"), ("DELETE", "/insert")]:
+            with self.subTest(method=method, path=path):
+                name = unique_event(self)
+                hidden = insert_request(name, "smuggled")
+                response = raw(self.broker, f"{method} {path} HTTP/1.1\r\nHost: x\r\n"
+                                            f"Content-Length: {len(hidden)}\r\n\r\n".encode() + hidden
+                               + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                self.assertNotIn(name.encode(), response)
+                self.assertEqual(response.count(b"HTTP/1.1 "), 2)      # the request's and the next one's
+                self.assertEqual(self.broker.audit(name), {})
+
+    def test_transfer_encoding_is_refused_on_every_method_and_the_connection_closed(self):
+        for method, path in [("GET", "/healthz"), ("POST", "/insert"), ("GET", "/events")]:
+            with self.subTest(method=method):
+                name = unique_event(self)
+                hidden = insert_request(name, "smuggled")
+                response = raw(self.broker, f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                            "Transfer-Encoding: chunked\r\n\r\n".encode()
+                               + b"%x\r\n%s\r\n0\r\n\r\n" % (len(hidden), hidden) + hidden)
+                self.assertEqual(status_of(response), 411)
+                self.assertIn(b"Connection: close", response)
+                self.assertEqual(response.count(b"HTTP/1.1 "), 1)
+                self.assertEqual(self.broker.audit(name), {})
+
+    def test_100_continue_is_sent_only_to_a_request_that_passed_its_checks(self):
+        for headers, status in [("Content-Type: text/plain\r\nContent-Length: 20", 415),
+                                ("Content-Type: application/json\r\nContent-Length: 70000", 413)]:
+            with self.subTest(status=status), socket.create_connection(address(self.broker), timeout=TIMEOUT) as sock:
+                sock.sendall(f"POST /insert HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n{headers}\r\n\r\n".encode())
+                response = sock.recv(65536)
+                self.assertEqual(status_of(response), status)
+        with socket.create_connection(address(self.broker), timeout=TIMEOUT) as sock:
+            request = insert_request(unique_event(self), 1)
+            head, body = request.split(b"\r\n\r\n", 1)
+            sock.sendall(head + b"\r\nExpect: 100-continue\r\n\r\n")
+            self.assertEqual(sock.recv(65536), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            self.assertEqual(status_of(sock.recv(65536)), 200)
+
+    def test_head_is_answered_as_get_without_a_body(self):
+        self.broker.publish("head", 1)
+        for path, content_type in [("/events", "text/event-stream"), ("/healthz", "application/json"),
+                                   ("/audit/head", "application/json")]:
+            with self.subTest(path=path):
+                response = raw(self.broker, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                head, _, body = response.partition(b"\r\n\r\n")
+                self.assertEqual(status_of(response), 200)
+                self.assertIn(f"Content-Type: {content_type}".encode(), head)
+                self.assertEqual(body, b"")
+        self.assertEqual(subscribers(self.broker), 0)
+
+    def test_http_0_9_request_is_400(self):
+        response = raw(self.broker, b"GET /healthz\r\n")
+        self.assertEqual(status_of(response), 400)
+        self.assertIn("Bad request syntax", body_of(response)["error"])
 
 
 class FuzzTests(unittest.TestCase):
@@ -1051,6 +1287,18 @@ class AuditTests(unittest.TestCase):
         status, body, _ = call(self.broker, "GET", f"/audit/{name}?since={first['timestamp']}")
         self.assertEqual((status, list(body.values())), (200, [2]))
 
+    def test_integers_beyond_64_bits_are_400_or_a_full_sync(self):
+        name = unique_event(self)
+        self.broker.publish(name, 1)
+        for value in ("99999999999999999999", "9223372036854775808", "9" * 5000):
+            with self.subTest(digits=len(value)):
+                status, body, _ = call(self.broker, "GET", f"/audit/{name}?since={value}")
+                self.assertEqual(status, 400)
+                self.assertIn("since must be a non-negative integer", body["error"])
+                with EventStream(self.broker, f"/events?event={name}", {"Last-Event-ID": value}) as stream:
+                    self.assertEqual([r["data"] for r in stream.read_sync()[0]], [1])
+        self.assertEqual(call(self.broker, "GET", f"/audit/{name}?since=9223372036854775807")[:2], (200, {}))
+
     def test_bad_paging_values_are_400(self):
         for query in ("since=-1", "since=abc", "limit=1.5", "limit=", "limit=-3"):
             with self.subTest(query=query):
@@ -1163,6 +1411,8 @@ class StaticTests(unittest.TestCase):
         with open(os.path.join(folder.name, "secret.txt"), "w") as file:
             file.write("TOP-SECRET")
         os.symlink(os.path.join(folder.name, "secret.txt"), os.path.join(cls.root, "link.txt"))
+        os.makedirs(os.path.join(cls.root, "linked"))
+        os.symlink(os.path.join(folder.name, "secret.txt"), os.path.join(cls.root, "linked", "index.html"))
         cls.broker = start_broker(cls, static=cls.root)
 
     def fetch(self, path, method="GET"):
@@ -1188,7 +1438,7 @@ class StaticTests(unittest.TestCase):
 
     def test_never_serves_outside_the_folder(self):
         for path in ("/../secret.txt", "/sub/../../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt",
-                     "/link.txt", "/missing.html", "/%00"):
+                     "/link.txt", "/missing.html", "/%00", "/linked/", "/linked"):
             with self.subTest(path=path):
                 response = raw(self.broker, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
                 self.assertEqual(status_of(response), 404)
@@ -1341,6 +1591,26 @@ class ClientTests(unittest.TestCase):
         ])
         self.assertEqual((parser.retry, parser.last_event_id), (1.5, "9"))
 
+    def test_parser_takes_the_last_event_id_only_from_a_complete_record(self):
+        parser = broker.EventStreamParser("6")
+        self.assertEqual(parser.feed(b'id: 7\nevent: e\ndata: {"v":'), [])
+        self.assertEqual(parser.last_event_id, "6")
+        self.assertEqual(parser.feed(b'1}\n\nid: 8\n\n'), [{"id": 7, "event": "e", "data": {"v": 1}}])
+        self.assertEqual(parser.last_event_id, "8")        # an id-only block moves it too
+
+    def test_subscribe_never_yields_a_record_cut_by_a_drop_and_then_gets_it_whole(self):
+        # The client reads nothing for longer than --write-timeout: the broker drops it in the
+        # middle of a 97 kB record. It must reconnect from the last whole record.
+        with Broker(db=temp_db(type(self)), port=0, quiet=True, write_timeout=0.5, heartbeat=0.2) as server:
+            records = server.subscribe(timeout=TIMEOUT)
+            self.addCleanup(records.close)
+            sent = [server.publish("big", {"n": 0, "pad": "p" * 97000})]
+            self.assertEqual(next(records)["data"]["n"], 0)
+            sent += [server.publish("big", {"n": n, "pad": "p" * 97000}) for n in range(1, 120)]
+            wait_until(lambda: subscribers(server) == 0)        # dropped while not reading
+            received = [next(records) for _ in sent[1:]]
+        self.assertEqual([(r["id"], r["data"]) for r in received], [(s["id"], s["data"]) for s in sent[1:]])
+
 
 class WorkersTests(unittest.TestCase):
     def test_idle_threads_are_reused_then_retire(self):
@@ -1417,13 +1687,23 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(response.status, 200)
         connection.request("GET", "/index.html?token=tok-12345")
         connection.getresponse().read()
+        for query in ("access_tok%65n=tok-12345", "x=1&access%5Ftoken=tok-12345"):
+            connection.request("GET", f"/audit/user?{query}")      # read as access_token: accepted
+            response = connection.getresponse()
+            response.read()
+            self.assertEqual(response.status, 200)
         connection.close()
+        raw(Remote(url), b"GET /\x1b[31mred\rfake HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(timeout=5), 0)
         log = process.stderr.read().decode()
         self.assertIn("/audit/user?access_token=[redacted]&limit=1", log)
         self.assertIn("/index.html?token=[redacted]", log)
+        self.assertIn("/audit/user?access_tok%65n=[redacted]", log)
+        self.assertIn("/audit/user?x=1&access%5Ftoken=[redacted]", log)
         self.assertNotIn("tok-12345", log)
+        self.assertIn("GET /\\x1b[31mred\\x0dfake HTTP/1.1", log)
+        self.assertNotIn("\x1b", log)
 
     def test_environment_sets_options_and_flags_win(self):
         process, folder = self.run_broker("--db", "flag.db", env={"BROKER_DB": "env.db", "PORT": "0"})
