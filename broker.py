@@ -692,7 +692,8 @@ class Hub:
 
 class BodyWriter:
     """A response body of unknown length on a blocking socket: chunks (or raw bytes for an
-    HTTP/1.0 client) gathered into writes of about WRITE_BYTES, the head going out with the first."""
+    HTTP/1.0 client) gathered into writes of about WRITE_BYTES, the head going out with the
+    first. A payload that large goes out as it is, never copied into a chunk."""
 
     def __init__(self, sock, chunked, head=b"", head_only=False):
         self.sock, self.chunked, self.head_only = sock, chunked, head_only
@@ -701,16 +702,27 @@ class BodyWriter:
 
     def write(self, payload):
         if payload and not self.head_only:
-            self._parts.append(body_part(payload, self.chunked))
+            self._parts += (b"%x\r\n" % len(payload), payload, b"\r\n") if self.chunked else (payload,)
             self._size += len(payload)
             if self._size >= WRITE_BYTES:
                 self.flush()
 
     def flush(self):
-        if self._parts:
-            data, self._parts, self._size = b"".join(self._parts), [], 0
+        parts, self._parts, self._size = self._parts, [], 0
+        small = []
+        for part in parts:
+            if len(part) >= WRITE_BYTES:
+                self._send(small)
+                small = []
+                self._send([part])
+            else:
+                small.append(part)
+        self._send(small)
+
+    def _send(self, parts):
+        if parts:
             self.started = True
-            self.sock.sendall(data)
+            self.sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def end(self):
         if self.chunked and not self.head_only:
@@ -799,7 +811,7 @@ class Fanout:
             with self.hub.changed:
                 newest = self.hub.newest
             for records in record_pages(self.store.after, cursor, newest, wants.names):
-                body.write(sse_messages(records, wants))
+                write_records(body, records, wants)
             cursor = newest
 
     def join_stream(self, sock, wants, chunked, cursor):
@@ -1504,7 +1516,7 @@ class Handler(HTTPHandler):
         else:
             read_page = broker.store.latest if resume is None else broker.store.after
             for records in record_pages(read_page, resume or 0, newest, wants.names):
-                self.body.write(sse_messages(records, wants))
+                write_records(self.body, records, wants)
         self.body.write(b"id: %d\n\n" % newest)
         return newest
 
@@ -1515,15 +1527,16 @@ class Handler(HTTPHandler):
         if cached is not None:
             self.body.write(cached)
             return
-        pages, size = [], 0
+        messages, size = [], 0
         for records in record_pages(broker.store.latest, 0, newest):
-            page = sse_messages(records, EVERYTHING)
-            self.body.write(page)
-            size += len(page)
-            if size <= SYNC_CACHE_BYTES:
-                pages.append(page)
+            for record in records:
+                message = record.to_sse()
+                self.body.write(message)
+                size += len(message)
+                if size <= SYNC_CACHE_BYTES:
+                    messages.append(message)
         if size <= SYNC_CACHE_BYTES:
-            broker.hub.cache_sync(newest, b"".join(pages))
+            broker.hub.cache_sync(newest, b"".join(messages))
 
     def get_audit(self):
         allowed = self._allowed("subscribe")
@@ -1626,21 +1639,25 @@ def record_pages(read_page, after_id, upto_id, events=None):
         after_id = records[-1].id
 
 
-def sse_messages(records, wants):
-    return b"".join(r.to_sse() for r in records if wants.matches(r.event))
+def write_records(body, records, wants):
+    """Write the SSE message of each record wants; one at a time, so a page is never copied whole."""
+    for record in records:
+        if wants.matches(record.event):
+            body.write(record.to_sse())
 
 
 def audit_json(store, event, since=0, limit=None):
-    """Yield GET /audit/{event} as pieces of one JSON object, a page of rows at a time."""
+    """Yield GET /audit/{event} as pieces of one JSON object, reading a page of rows at a time."""
     separator = b"{"
     left = limit
     while left is None or left > 0:
         rows = store.audit(event, since, PAGE_ROWS if left is None else min(left, PAGE_ROWS))
         if not rows:
             break
-        yield separator + b",".join(
-            json_bytes(f"{event}_v_{ts}") + b":" + data.encode() for ts, data in rows)
-        separator = b","
+        for ts, data in rows:          # key and data apart: a large record is never copied whole
+            yield separator + json_bytes(f"{event}_v_{ts}") + b":"
+            yield data.encode()
+            separator = b","
         since = rows[-1][0]
         if left is not None:
             left -= len(rows)
