@@ -10,6 +10,14 @@
     with Broker(db=":memory:", port=0) as b: b.publish("user", {"name": "Ada"})
 
 Endpoints: POST /insert, GET /events, GET /audit/{event}, GET /healthz. Python 3.9+.
+
+In file order: OPTIONS and small helpers (JSON, validation, JWT); Record and EventFilter; Store,
+the SQLite file (one write connection with group commit, read connections, pages bounded in
+bytes); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
+with blocking writes; Fanout, the one thread writing every live stream; Watchdog and Workers
+(request deadlines, reused threads); Server; HTTPHandler, HTTP without the broker, and Handler,
+the endpoints; Broker, what main() and embedding programs use; the client (publish_to,
+subscribe, EventStreamParser); main().
 """
 __all__ = ["Broker", "RequestError", "main", "publish_to", "subscribe"]
 
