@@ -954,8 +954,7 @@ class Fanout:
         this thread never waits on a read for one stream while the others wait on it."""
         del self._subs[sub.fd]
         self._behind.discard(sub)
-        self._selector.unregister(sub.sock)
-        self._owned.discard(sub.sock)
+        self._selector.unregister(sub.sock)       # still in self._owned: the server must not close it
         self._submit(self._rejoin, sub.sock, sub.wants, sub.chunked, sub.cursor)
 
     def _rejoin(self, sock, wants, chunked, cursor):
