@@ -33,6 +33,8 @@ test-browser:
 test-proxy:
 	sh deploy/install-nginx.sh
 	$(PYTHON) -m unittest -v deploy/test_nginx.py
+	sh demo/install-browser.sh
+	.venv/bin/python -m unittest -v deploy/test_http2.py
 
 BENCH_ARGS ?=
 

@@ -1,12 +1,13 @@
 #!/bin/sh
-# Install what deploy/test_nginx.py needs: Debian's nginx at /usr/sbin/nginx.
-# Safe to run again: nothing happens when /usr/sbin/nginx is already there.
-# The test runs its own nginx as a child process on free ports, so the package's
+# Install what deploy/test_nginx.py and deploy/test_http2.py need: Debian's nginx at
+# /usr/sbin/nginx, and the openssl command (test_http2.py makes a self-signed certificate).
+# Safe to run again: nothing happens when both are already there.
+# The tests run their own nginx as a child process on free ports, so the package's
 # system service is kept from starting (and stopped and disabled if it did start):
 # it would otherwise hold port 80 for as long as the machine runs.
 set -eu
 
-if [ -x /usr/sbin/nginx ]; then
+if [ -x /usr/sbin/nginx ] && command -v openssl >/dev/null; then
     /usr/sbin/nginx -v
     exit 0
 fi
@@ -25,7 +26,7 @@ if [ ! -e "$POLICY" ]; then
 fi
 
 $SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends nginx
+$SUDO apt-get install -y -q --no-install-recommends nginx openssl
 
 # In case a service manager started it anyway.
 if [ -d /run/systemd/system ]; then
