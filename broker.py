@@ -19,7 +19,7 @@ with blocking writes; Fanout, the one thread writing every live stream; Watchdog
 the endpoints; Broker, what main() and embedding programs use; the client (publish_to,
 subscribe, EventStreamParser); main().
 """
-__all__ = ["Broker", "RequestError", "main", "publish_to", "subscribe"]
+__all__ = ["Broker", "RequestError", "main", "publish_many", "publish_to", "run", "subscribe"]
 
 import argparse
 import base64
@@ -27,6 +27,7 @@ import codecs
 import collections
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import hmac
 import http.client
@@ -102,7 +103,8 @@ RING_BYTES = 16 << 20      # ... and their size at most (a record may be up to -
 SYNC_CACHE_BYTES = 1 << 20 # a full sync up to this size is kept for the next stream to connect
 WRITE_BYTES = 64 << 10     # a sync or an audit goes out in writes of about this size
 CATCH_UP_PAGES = 4         # ring pages the fan-out writer sends one lagging stream per turn
-MAX_FILTERS = 100          # ?event= values per stream (SQLite binds each one)
+MAX_FILTERS = 100          # ?event= and ?match= values per stream (SQLite binds each one)
+MAX_BATCH_RECORDS = 1000   # records in one POST /insert array
 MAX_EVENT_NAME = 255
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 LINE_END = re.compile("\r\n|\r|\n")
@@ -156,18 +158,18 @@ def body_part(payload, chunked):
     return chunk(payload) if chunked and payload else payload
 
 
-def check_event_name(name):
+def check_event_name(name, field='"event"'):
     """Return name if it can be an event name (it goes verbatim into an SSE line), else raise."""
     if not isinstance(name, str):
-        raise RequestError(400, '"event" must be a string')
+        raise RequestError(400, f'{field} must be a string')
     if not name:
-        raise RequestError(400, '"event" must not be empty')
+        raise RequestError(400, f'{field} must not be empty')
     if len(name) > MAX_EVENT_NAME:
-        raise RequestError(400, f'"event" must be at most {MAX_EVENT_NAME} characters')
+        raise RequestError(400, f'{field} must be at most {MAX_EVENT_NAME} characters')
     if CONTROL_CHARS.search(name):
-        raise RequestError(400, '"event" must not hold control characters (U+0000-U+001F, U+007F)')
+        raise RequestError(400, f'{field} must not hold control characters (U+0000-U+001F, U+007F)')
     if not is_valid_unicode(name):
-        raise RequestError(400, '"event" holds a lone surrogate, which is not valid Unicode')
+        raise RequestError(400, f'{field} holds a lone surrogate, which is not valid Unicode')
     return name
 
 
@@ -199,7 +201,25 @@ def reject_constant(name):
 
 
 def parse_insert(body):
-    """Return (event, data as compact JSON text) from an /insert body, or raise RequestError."""
+    """Return ([(event, data as compact JSON text)], is_batch) from an /insert body: one object,
+    or an array of up to MAX_BATCH_RECORDS of them; or raise RequestError."""
+    doc = parse_json_body(body)
+    if isinstance(doc, dict):
+        return [parse_record(doc)], False
+    if not isinstance(doc, list):
+        raise RequestError(400, 'body must be a JSON object {"event": ..., "data": ...} or an array of them')
+    if len(doc) > MAX_BATCH_RECORDS:
+        raise RequestError(400, f"a batch holds at most {MAX_BATCH_RECORDS} records")
+    rows = []
+    for index, item in enumerate(doc):
+        try:
+            rows.append(parse_record(item))
+        except RequestError as error:
+            raise RequestError(400, f"item {index}: {error.message}") from None
+    return rows, True
+
+
+def parse_json_body(body):
     try:
         doc = json.loads(body.decode("utf-8"), parse_constant=reject_constant)
     except UnicodeDecodeError:
@@ -210,8 +230,13 @@ def parse_insert(body):
         raise RequestError(400, "body is nested too deeply") from None
     except ValueError as error:
         raise RequestError(400, f"body is not valid JSON: {error}") from None
+    return doc
+
+
+def parse_record(doc):
+    """(event, data as compact JSON text) from one {"event", "data"} object, or raise RequestError."""
     if not isinstance(doc, dict):
-        raise RequestError(400, 'body must be a JSON object: {"event": ..., "data": ...}')
+        raise RequestError(400, 'must be a JSON object {"event": ..., "data": ...}')
     if "event" not in doc:
         raise RequestError(400, '"event" is missing')
     event = check_event_name(doc["event"])
@@ -262,11 +287,18 @@ def same_secret(given, expected):
     return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
 
 
+@functools.lru_cache(maxsize=1024)
 def patterns_regex(patterns):
-    """One regex for a list of shell-style patterns (*, ? and [...]); an empty list matches nothing."""
+    """One regex for a tuple of shell-style patterns (*, ? and [...]), the one syntax of ?match=
+    and of JWT claims; an empty tuple matches nothing."""
     if not patterns:
         return NOTHING
     return re.compile("|".join(fnmatch.translate(pattern) for pattern in patterns))
+
+
+def sql_match(patterns, event):
+    """SQL broker_match(patterns, event): patterns are joined by newlines, which no name holds."""
+    return patterns_regex(tuple(patterns.split("\n"))).fullmatch(event) is not None
 
 
 def b64url_encode(data):
@@ -350,25 +382,37 @@ class Record(typing.NamedTuple):
 
 
 class EventFilter(typing.NamedTuple):
-    """Which events a stream gets: its ?event= names and what its token allows (None: all)."""
+    """Which events a stream gets: those its ?event= names or its ?match= patterns choose (both
+    None: every event), of those its token allows (None: all)."""
     names: typing.Optional[frozenset] = None
+    patterns: typing.Optional[tuple] = None
     allowed: typing.Optional[re.Pattern] = None
 
     def matches(self, event):
-        return ((self.names is None or event in self.names)
-                and (self.allowed is None or self.allowed.fullmatch(event) is not None))
+        return self.chooses(event) and (self.allowed is None or self.allowed.fullmatch(event) is not None)
+
+    def chooses(self, event):
+        if self.names is None and self.patterns is None:
+            return True
+        return ((self.names is not None and event in self.names)
+                or (self.patterns is not None and patterns_regex(self.patterns).fullmatch(event) is not None))
+
+    def is_chosen(self):
+        """True when the stream named events or patterns (the database can skip the others)."""
+        return self.names is not None or self.patterns is not None
 
 
 EVERYTHING = EventFilter()
 
 
 class PendingInsert:
-    """An insert waiting for the transaction that holds it; written only under Store._turn."""
-    __slots__ = ("event", "data", "record", "error")
+    """An insert request (one record, or a batch stored all or none) waiting for the transaction
+    that holds it; written only under Store._turn."""
+    __slots__ = ("rows", "records", "error")
 
-    def __init__(self, event, data):
-        self.event, self.data = event, data
-        self.record = self.error = None
+    def __init__(self, rows):
+        self.rows = rows              # [(event, data as JSON text)]
+        self.records = self.error = None
 
 
 class Store:
@@ -432,7 +476,7 @@ class Store:
         self._last_ts = self._newest_timestamp()
 
     def _connect(self):
-        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db = self._open()
         try:
             self._claim_file(db)
             db.execute("PRAGMA journal_mode=WAL")
@@ -441,6 +485,11 @@ class Store:
         except (sqlite3.Error, StoreError):
             db.close()
             raise
+        return db
+
+    def _open(self):
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db.create_function("broker_match", 2, sql_match, deterministic=True)
         return db
 
     def _claim_file(self, db):
@@ -471,15 +520,20 @@ class Store:
 
     def insert(self, event, data):
         """Store one record and return it once the transaction holding it has committed."""
-        pending = PendingInsert(event, data)
+        return self.insert_many([(event, data)])[0]
+
+    def insert_many(self, rows):
+        """Store [(event, data)] in one transaction, all or none, with consecutive ids; return
+        the records once it has committed."""
+        pending = PendingInsert(rows)
         with self._turn:
             self._queue.append(pending)
-            while pending.record is None and pending.error is None:
+            while pending.records is None and pending.error is None:
                 if self._committing:
                     self._turn.wait()
                     continue
                 self._committing = True
-                batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
+                batch = self._take_batch()
                 self._turn.release()          # others queue up while this batch is written
                 try:
                     self._commit(batch)
@@ -489,18 +543,29 @@ class Store:
                     self._turn.notify_all()
         if pending.error:
             raise pending.error
-        return pending.record
+        return pending.records
+
+    def _take_batch(self):
+        """The queued inserts for one transaction: about MAX_BATCH rows, and at least one insert."""
+        rows = taken = 0
+        while taken < len(self._queue) and (taken == 0 or rows + len(self._queue[taken].rows) <= self.MAX_BATCH):
+            rows += len(self._queue[taken].rows)
+            taken += 1
+        batch, self._queue = self._queue[:taken], self._queue[taken:]
+        return batch
 
     def _commit(self, batch):
         try:
-            records = self._write([(p.event, p.data) for p in batch])
+            records = self._write([row for pending in batch for row in pending.rows])
         except (sqlite3.Error, StoreError) as error:
             reason = str(error) if isinstance(error, StoreError) else f"the database refused the write: {error}"
             for pending in batch:
                 pending.error = StoreError(reason)     # one each: every waiter raises its own
             return
-        for pending, record in zip(batch, records):
-            pending.record = record
+        start = 0
+        for pending in batch:
+            pending.records = records[start:start + len(pending.rows)]
+            start += len(pending.rows)
         # Still the only committer, so records reach subscribers in id order.
         self._on_commit(records)
 
@@ -541,24 +606,33 @@ class Store:
         try:
             self._db = self._connect()
         except (sqlite3.Error, StoreError) as error:
-            self._db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            self._db = self._open()
             raise StoreError(f"the database refused the write: {error}") from None
         self._reopen = False
 
-    def latest(self, after_id, upto_id, events=None):
-        """A page of the latest record of each event (of events, if given) as of upto_id, if its
-        id is above after_id, in id order: the sync is exactly this, however inserts run meanwhile."""
-        return self._records(self.LATEST_AS_OF, "l.event", after_id, upto_id, events)
+    def latest(self, after_id, upto_id, wants=None):
+        """A page of the latest record of each event (of those wants chooses, if given) as of
+        upto_id, if its id is above after_id, in id order: the sync is exactly this, however
+        inserts run meanwhile. Only the latest table is scanned, never the history."""
+        return self._records(self.LATEST_AS_OF, "l.event", after_id, upto_id, wants)
 
-    def after(self, after_id, upto_id, events=None):
-        """A page of the records (of events, if given) with an id in (after_id, upto_id], in id order."""
-        return self._records(self.AFTER, "event", after_id, upto_id, events)
+    def after(self, after_id, upto_id, wants=None):
+        """A page of the records (of the events wants chooses, if given) with an id in
+        (after_id, upto_id], in id order."""
+        return self._records(self.AFTER, "event", after_id, upto_id, wants)
 
-    def _records(self, sql, column, after_id, upto_id, events):
-        names = () if events is None else tuple(events)
-        places = ",".join(f"?{n}" for n in range(3, 3 + len(names)))     # ?1 and ?2 are the ids
-        sql = sql.format(filter=f"AND {column} IN ({places})" if names else "")
-        return [Record(*row) for row in self._page(sql, (after_id, upto_id) + names)]
+    def _records(self, sql, column, after_id, upto_id, wants):
+        params, tests = (after_id, upto_id), []      # ?1 and ?2 are the ids
+        if wants is not None and wants.names:
+            names = tuple(wants.names)
+            tests.append(f"{column} IN ({','.join(f'?{n}' for n in range(3, 3 + len(names)))})")
+            params += names
+        if wants is not None and wants.patterns:
+            tests.append(f"broker_match(?{len(params) + 1}, {column})")
+            params += ("\n".join(wants.patterns),)
+        chosen = wants is not None and wants.is_chosen()
+        sql = sql.format(filter=f"AND ({' OR '.join(tests) or '0'})" if chosen else "")
+        return [Record(*row) for row in self._page(sql, params)]
 
     def audit(self, event, since=0, limit=PAGE_ROWS):
         """A page of (timestamp, data) of event's versions after since, oldest first; at most limit rows."""
@@ -611,7 +685,7 @@ class Store:
 
     def _connect_reader(self):
         try:
-            db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+            db = self._open()
             db.execute("PRAGMA query_only=1")
         except sqlite3.Error as error:
             raise StoreError(f"the database cannot be read: {error}") from None
@@ -680,9 +754,9 @@ class Hub:
         """True if every record after cursor is in the ring (call with self.changed held)."""
         return cursor >= self._floor
 
-    def frames_after(self, cursor, upto):
-        """The first frames in (cursor, upto], about PAGE_BYTES of them, or None if some have
-        left the ring (call with self.changed held)."""
+    def frames_after(self, cursor, upto, max_bytes=PAGE_BYTES):
+        """The first frames in (cursor, upto], about max_bytes of them (None: all), or None if
+        some have left the ring (call with self.changed held)."""
         if not self.covers(cursor):
             return None
         newer = []
@@ -691,8 +765,10 @@ class Hub:
                 break
             if frame.id <= upto:
                 newer.append(frame)
+        if max_bytes is None:
+            return newer[::-1]
         page, size = [], 0
-        while newer and size < PAGE_BYTES:
+        while newer and size < max_bytes:
             page.append(newer.pop())
             size += len(page[-1].data)
         return page
@@ -818,7 +894,7 @@ class Fanout:
                 return False
             with self.hub.changed:
                 newest = self.hub.newest
-            for records in record_pages(self.store.after, cursor, newest, wants.names):
+            for records in record_pages(self.store.after, cursor, newest, wants):
                 write_records(body, records, wants)
             cursor = newest
 
@@ -843,7 +919,7 @@ class Fanout:
                 if self.hub.closed:
                     break
                 newest = self.hub.newest
-                batch = self.hub.frames_after(self._sent, newest)
+                batch = self.hub.frames_after(self._sent, newest, max_bytes=None)   # one write per batch
                 joining, self._joining = self._joining, []
             now = time.monotonic()
             if batch is None:
@@ -1449,14 +1525,18 @@ class Handler(HTTPHandler):
         content_type = self.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise RequestError(415, "Content-Type must be application/json")
-        event, data = parse_insert(self.read_body())
-        if allowed is not None and not allowed.fullmatch(event):
-            raise RequestError(403, f"the token does not allow publishing {event!r}")
-        record = self.server.broker.store.insert(event, data)
-        self.send_bytes(200, record.to_json(), "application/json")
+        rows, is_batch = parse_insert(self.read_body())
+        for index, (event, _) in enumerate(rows):
+            if allowed is not None and not allowed.fullmatch(event):
+                where = f"item {index}: " if is_batch else ""
+                raise RequestError(403, f"{where}the token does not allow publishing {event!r}")
+        records = self.server.broker.store.insert_many(rows) if rows else []
+        body = b"[" + b",".join(r.to_json() for r in records) + b"]" if is_batch else records[0].to_json()
+        self.send_bytes(200, body, "application/json")
 
     def get_events(self):
-        wants = EventFilter(self._event_names(), self._allowed("subscribe"))
+        names, patterns = self._event_choice()
+        wants = EventFilter(names, patterns, self._allowed("subscribe"))
         if wants.allowed is NOTHING:
             raise RequestError(403, "the token does not allow subscribing to any event")
         for name in wants.names or ():
@@ -1492,13 +1572,16 @@ class Handler(HTTPHandler):
         self.body.write(b"retry: %d\n\n" % FULL_RETRY_MS)
         self.body.end()
 
-    def _event_names(self):
-        names = self.query.get("event")
-        if names is None:
-            return None
-        if len(names) > MAX_FILTERS:
-            raise RequestError(400, f"at most {MAX_FILTERS} event filters per stream")
-        return frozenset(check_event_name(name) for name in names)
+    def _event_choice(self):
+        """The ?event= names (exact) and ?match= patterns (shell-style) of a stream; None when absent."""
+        names, patterns = self.query.get("event"), self.query.get("match")
+        if len(names or ()) + len(patterns or ()) > MAX_FILTERS:
+            raise RequestError(400, f"at most {MAX_FILTERS} event and match filters per stream")
+        if names is not None:
+            names = frozenset(check_event_name(name) for name in names)
+        if patterns is not None:
+            patterns = tuple(sorted({check_event_name(pattern, '"match"') for pattern in patterns}))
+        return names, patterns
 
     def _resume_id(self, newest):
         """The Last-Event-ID to resume after, or None for a full sync (the header wins)."""
@@ -1522,7 +1605,7 @@ class Handler(HTTPHandler):
             self._send_full_sync(broker, newest)
         else:
             read_page = broker.store.latest if resume is None else broker.store.after
-            for records in record_pages(read_page, resume or 0, newest, wants.names):
+            for records in record_pages(read_page, resume or 0, newest, wants):
                 write_records(self.body, records, wants)
         self.body.write(b"id: %d\n\n" % newest)
         return newest
@@ -1586,7 +1669,7 @@ class Handler(HTTPHandler):
             return None
         if broker.jwt_secret is None:
             raise RequestError(401, "the bearer token is not valid", [("WWW-Authenticate", INVALID_TOKEN)])
-        return patterns_regex(verify_jwt(token, broker.jwt_secret)[action])
+        return patterns_regex(tuple(verify_jwt(token, broker.jwt_secret)[action]))
 
     def _bearer_token(self, allow_query):
         scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
@@ -1636,10 +1719,10 @@ def static_file(root, url_path):
     return path
 
 
-def record_pages(read_page, after_id, upto_id, events=None):
+def record_pages(read_page, after_id, upto_id, wants=None):
     """Yield read_page's pages (each bounded in bytes) of records in (after_id, upto_id], in id order."""
     while after_id < upto_id:
-        records = read_page(after_id, upto_id, events)
+        records = read_page(after_id, upto_id, wants)
         if not records:
             return
         yield records
@@ -1748,6 +1831,20 @@ class Broker:
         record = self.store.insert(check_event_name(event), encode_data(data))
         return record.to_dict()
 
+    def publish_many(self, items):
+        """Store [(event, data), ...] in one transaction, all or none, as a POST /insert array
+        does; return the records, their ids consecutive in the order given."""
+        items = list(items)
+        if len(items) > MAX_BATCH_RECORDS:
+            raise RequestError(400, f"a batch holds at most {MAX_BATCH_RECORDS} records")
+        rows = []
+        for index, (event, data) in enumerate(items):
+            try:
+                rows.append((check_event_name(event), encode_data(data)))
+            except RequestError as error:
+                raise RequestError(400, f"item {index}: {error.message}") from None
+        return [record.to_dict() for record in self.store.insert_many(rows)] if rows else []
+
     def latest(self):
         """{event: data} for the latest record of every event."""
         state, cursor, newest = {}, 0, self.hub.newest
@@ -1762,17 +1859,26 @@ class Broker:
         """The same mapping as GET /audit/{event}."""
         return json.loads(b"".join(audit_json(self.store, check_event_name(event), since, limit)))
 
-    def subscribe(self, events=None, last_event_id=None, timeout=None, token=None):
+    def subscribe(self, events=None, last_event_id=None, timeout=None, token=None, match=None):
         """The records of this broker's /events, as broker.subscribe() yields them."""
-        return subscribe(self.url, events, last_event_id, timeout, token)
+        return subscribe(self.url, events, last_event_id, timeout, token, match)
 
 
 def publish_to(url, event, data, timeout=10, token=None):
     """POST an insert to the broker at url and return the record; RequestError on a refusal."""
+    return post_insert(url, {"event": event, "data": data}, timeout, token)
+
+
+def publish_many(url, items, timeout=10, token=None):
+    """POST [(event, data), ...] as one batch (stored all or none); return the records."""
+    return post_insert(url, [{"event": event, "data": data} for event, data in items], timeout, token)
+
+
+def post_insert(url, body, timeout, token):
     connection, prefix = connect(url, timeout)
     headers = {"Content-Type": "application/json", **bearer(token)}
     try:
-        connection.request("POST", prefix + "/insert", json_bytes({"event": event, "data": data}), headers)
+        connection.request("POST", prefix + "/insert", json_bytes(body), headers)
         response = connection.getresponse()
         body = response.read()
     finally:
@@ -1782,12 +1888,14 @@ def publish_to(url, event, data, timeout=10, token=None):
     return json.loads(body)
 
 
-def subscribe(url, events=None, last_event_id=None, timeout=None, token=None):
+def subscribe(url, events=None, last_event_id=None, timeout=None, token=None, match=None):
     """Yield records {"id", "event", "data"} from the broker at url, resuming after a drop.
 
+    events: exact names; match: shell-style patterns (a record of either kind is yielded).
     timeout: seconds to wait for the next record (reconnecting included) before TimeoutError.
     """
-    query = urllib.parse.urlencode([("event", name) for name in events or ()])
+    query = urllib.parse.urlencode([("event", name) for name in events or ()]
+                                   + [("match", pattern) for pattern in match or ()])
     parser = EventStreamParser(last_event_id)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -2007,11 +2115,21 @@ def main(argv=None):
     except (OSError, ValueError, sqlite3.Error, StoreError) as error:
         print(f"broker.py: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ValueError) else 1
+    serve_until_signalled(broker)
+    return 0
+
+
+def run(origin="*", **options):
+    """Serve in the foreground until SIGINT or SIGTERM, with the options of Broker(...): the
+    counterpart of the original Broker's broker_run(origin). Call it from the main thread."""
+    serve_until_signalled(Broker(origin=origin, **options).start())
+
+
+def serve_until_signalled(broker):
     for signum in (signal.SIGINT, signal.SIGTERM):     # before the line: a reader may signal at once
         signal.signal(signum, lambda *_: threading.Thread(target=broker.stop).start())
     print(f"broker listening on {broker.url} (db {broker.db})", flush=True)
     broker.serve_forever()
-    return 0
 
 
 if __name__ == "__main__":
