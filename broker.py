@@ -23,6 +23,7 @@ __all__ = ["Broker", "RequestError", "main", "publish_many", "publish_to", "run"
 
 import argparse
 import base64
+import bisect
 import codecs
 import collections
 import contextlib
@@ -91,6 +92,8 @@ OPTIONS = [
     ("publish_token",   "BROKER_PUBLISH_TOKEN",   None,              str,                        "POST /insert needs Authorization: Bearer <this>"),
     ("subscribe_token", "BROKER_SUBSCRIBE_TOKEN", None,              str,                        "/events and /audit need it (or ?access_token=)"),
     ("jwt_secret",      "BROKER_JWT_SECRET",      None,              str,                        "accept HS256 JWTs signed with this; their claims say which events"),
+    ("keep_versions",   "BROKER_KEEP_VERSIONS",   None,              positive_number(int),       "keep only the newest N versions of each event (default: every one)"),
+    ("keep_days",       "BROKER_KEEP_DAYS",       None,              positive_number(float),     "drop versions older than D days (default: never); the latest of each event stays"),
     ("quiet",           None,                     False,             bool,                       "no access log"),
 ]
 
@@ -103,6 +106,8 @@ RING_BYTES = 16 << 20      # ... and their size at most (a record may be up to -
 SYNC_CACHE_BYTES = 1 << 20 # a full sync up to this size is kept for the next stream to connect
 WRITE_BYTES = 64 << 10     # a sync or an audit goes out in writes of about this size
 CATCH_UP_PAGES = 4         # ring pages the fan-out writer sends one lagging stream per turn
+PRUNE_ROWS = 500           # old versions deleted per transaction, so an insert never waits long
+PRUNE_PAUSE = 1.0          # seconds between pruning passes, so a busy broker prunes in batches
 MAX_FILTERS = 100          # ?event= and ?match= values per stream (SQLite binds each one)
 MAX_BATCH_RECORDS = 1000   # records in one POST /insert array
 MAX_EVENT_NAME = 255
@@ -467,7 +472,7 @@ class Store:
         self._turn = threading.Condition()    # notified by each committer when it is done
         self._queue = []                      # PendingInserts not yet in a transaction
         self._committing = False
-        self._on_commit = on_commit or (lambda records: None)
+        self._on_commit = on_commit or (lambda records, seconds: None)
         self._closed = False
         self._reopen = False                  # a write failed: the next one starts afresh
         self._readers_lock = threading.Lock()
@@ -555,6 +560,7 @@ class Store:
         return batch
 
     def _commit(self, batch):
+        started = time.perf_counter()
         try:
             records = self._write([row for pending in batch for row in pending.rows])
         except (sqlite3.Error, StoreError) as error:
@@ -567,7 +573,7 @@ class Store:
             pending.records = records[start:start + len(pending.rows)]
             start += len(pending.rows)
         # Still the only committer, so records reach subscribers in id order.
-        self._on_commit(records)
+        self._on_commit(records, time.perf_counter() - started)
 
     def _write(self, rows):
         with self._lock:
@@ -609,6 +615,50 @@ class Store:
             self._db = self._open()
             raise StoreError(f"the database refused the write: {error}") from None
         self._reopen = False
+
+    def prune_versions(self, events, keep):
+        """Delete the oldest versions of each event beyond its newest keep, at most PRUNE_ROWS in
+        all; return how many. The newest version, which the sync reads, always stays."""
+        return self._delete([(
+            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE event = ?1 AND timestamp <"
+            " (SELECT timestamp FROM records WHERE event = ?1 ORDER BY timestamp DESC LIMIT 1 OFFSET ?2)"
+            " ORDER BY timestamp LIMIT ?3)", (event, keep - 1)) for event in events])
+
+    def prune_older(self, before_ts):
+        """Delete up to PRUNE_ROWS versions older than before_ts that are not the latest of their
+        event; return how many. Timestamps grow with ids, so the old ones come first by id."""
+        return self._delete([(
+            "DELETE FROM records WHERE id IN (SELECT id FROM records WHERE id < coalesce("
+            " (SELECT id FROM records WHERE timestamp >= ?1 ORDER BY id LIMIT 1),"
+            " (SELECT max(id) + 1 FROM records)) AND id NOT IN (SELECT id FROM latest) ORDER BY id LIMIT ?3)",
+            (before_ts, 0))])
+
+    def _delete(self, statements):
+        deleted = 0
+        with self._lock:
+            self._check_open()
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for sql, (first, second) in statements:
+                    if deleted < PRUNE_ROWS:
+                        deleted += self._db.execute(sql, (first, second, PRUNE_ROWS - deleted)).rowcount
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._roll_back()
+                raise StoreError(f"the database refused the write: {error}") from None
+        return deleted
+
+    def event_names(self, after=""):
+        """A page of the event names above after, in order."""
+        return [name for name, in self._page("SELECT event FROM latest WHERE event > ? ORDER BY event", (after,))]
+
+    def size_bytes(self):
+        """The database's size on disk (its file and write-ahead log)."""
+        if self._path == ":memory:":
+            with self._reading() as db:
+                return db.execute("PRAGMA page_count").fetchone()[0] * db.execute("PRAGMA page_size").fetchone()[0]
+        return sum(os.path.getsize(self._path + suffix) for suffix in ("", "-wal")
+                   if os.path.exists(self._path + suffix))
 
     def latest(self, after_id, upto_id, wants=None):
         """A page of the latest record of each event (of those wants chooses, if given) as of
@@ -720,7 +770,7 @@ class Hub:
         self._ring = collections.deque()
         self._ring_bytes = 0
         self._floor = newest_id     # records up to here may be missing from the ring
-        self._sync = (None, b"")    # (newest id, the full sync's messages then)
+        self._sync = (None, None)   # (newest id, (the full sync's messages then, how many))
 
     def publish(self, records):
         frames = [Frame(r.id, r.event, r.to_sse()) for r in records]
@@ -741,7 +791,7 @@ class Hub:
             self.changed.notify_all()
 
     def cached_sync(self, newest):
-        """The full sync's messages as of newest, if a stream built them already."""
+        """(the full sync's messages as of newest, how many), if a stream built them already."""
         with self.changed:
             return self._sync[1] if self._sync[0] == newest else None
 
@@ -842,9 +892,10 @@ class Fanout:
     only ever changed by single set operations (atomic); the rest belongs to the writer thread.
     """
 
-    def __init__(self, hub, store, heartbeat, write_timeout, submit):
+    def __init__(self, hub, store, heartbeat, write_timeout, submit, metrics):
         self.hub = hub
         self.store = store
+        self.metrics = metrics
         self.heartbeat = heartbeat
         self.write_timeout = write_timeout
         self._submit = submit         # runs a function on a connection thread
@@ -895,7 +946,7 @@ class Fanout:
             with self.hub.changed:
                 newest = self.hub.newest
             for records in record_pages(self.store.after, cursor, newest, wants):
-                write_records(body, records, wants)
+                self.metrics.add("broker_records_delivered_total", write_records(body, records, wants))
             cursor = newest
 
     def join_stream(self, sock, wants, chunked, cursor):
@@ -956,22 +1007,24 @@ class Fanout:
 
     def _broadcast(self, frames, now):
         payloads = {}     # encoded once per distinct (EventFilter, chunked) in this batch
-        last_id = frames[-1].id
+        last_id, delivered = frames[-1].id, 0
         for sub in list(self._subs.values()):
             if sub in self._behind:
                 continue      # it catches up from its cursor when its socket can take more
-            payload = payloads.get(sub.encoding)
-            if payload is None:
-                payload = payloads[sub.encoding] = self._encode(frames, sub)
+            encoded = payloads.get(sub.encoding)
+            if encoded is None:
+                encoded = payloads[sub.encoding] = self._encode(frames, sub)
             sub.cursor = last_id
-            if payload:
-                self._send(sub, payload, now)
+            if encoded[0]:
+                self._send(sub, encoded[0], now)
+                delivered += encoded[1]
+        self.metrics.add("broker_records_delivered_total", delivered)
 
     @staticmethod
     def _encode(frames, sub):
-        if sub.wants == EVERYTHING:
-            return body_part(b"".join(f.data for f in frames), sub.chunked)
-        return body_part(b"".join(f.data for f in frames if sub.wants.matches(f.event)), sub.chunked)
+        """(the frames sub wants as one piece of its body, how many records that is)."""
+        chosen = frames if sub.wants == EVERYTHING else [f for f in frames if sub.wants.matches(f.event)]
+        return body_part(b"".join(f.data for f in chosen), sub.chunked), len(chosen)
 
     def _add(self, sub, now):
         self._subs[sub.fd] = sub
@@ -1021,9 +1074,10 @@ class Fanout:
                 self._hand_off(sub)
                 return
             sub.cursor = frames[-1].id
-            payload = self._encode(frames, sub)
+            payload, count = self._encode(frames, sub)
             if payload:
                 self._send(sub, payload, now)
+                self.metrics.add("broker_records_delivered_total", count)
 
     def _hand_off(self, sub):
         """sub fell behind the ring: a connection thread catches it up from the database, so
@@ -1038,6 +1092,8 @@ class Fanout:
         try:
             sock.settimeout(self.write_timeout)        # blocking now; dropped if it stalls that long
             joined = self.catch_up_and_join(sock, BodyWriter(sock, chunked), wants, cursor)
+        except socket.timeout:
+            self.metrics.add("broker_streams_dropped_total")
         except (OSError, StoreError):
             pass
         if not joined:
@@ -1065,6 +1121,7 @@ class Fanout:
         for sub in list(self._subs.values()):
             if sub.stuck_since is not None and now - sub.stuck_since >= self.write_timeout:
                 self._drop(sub)            # it resumes by id if it ever reads again
+                self.metrics.add("broker_streams_dropped_total")
             elif sub not in self._behind and now - sub.last_write >= self.heartbeat:
                 self._send(sub, body_part(KEEP_ALIVE, sub.chunked), now)
 
@@ -1093,6 +1150,76 @@ class Fanout:
         for sub in joining:
             self._drop_socket(sub.sock)
         self._selector.close()
+
+
+class Pruner:
+    """Deletes old versions in the background (--keep-versions, --keep-days), PRUNE_ROWS per
+    transaction and a pass at most every PRUNE_PAUSE seconds, so inserts never wait long.
+    self._lock guards self._touched, the events inserted since the last pass."""
+
+    def __init__(self, store, keep_versions, keep_days, metrics):
+        self.store, self.keep_versions, self.keep_days, self.metrics = store, keep_versions, keep_days, metrics
+        self._lock = threading.Lock()
+        self._touched = set()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="broker-pruner", daemon=True)
+
+    def start(self):
+        if self.keep_versions or self.keep_days:
+            self._thread.start()
+
+    def stop(self):
+        self._stopped = True
+        self._wake.set()
+
+    def note(self, records):
+        """Called after each commit: these events may now hold more versions than they keep."""
+        if self.keep_versions:
+            with self._lock:
+                self._touched.update(record.event for record in records)
+            self._wake.set()
+
+    def _run(self):
+        if self.keep_versions:
+            self._prune_every_event()
+        while not self._stopped:
+            self._wake.wait(PRUNE_PAUSE * 60 if self.keep_days else None)   # time alone ages records
+            self._wake.clear()
+            try:
+                self._prune()
+            except StoreError:
+                pass                  # the database refuses writes now: the next pass tries again
+            time.sleep(PRUNE_PAUSE)
+
+    def _prune(self):
+        with self._lock:
+            touched, self._touched = self._touched, set()
+        if touched:
+            self._repeat(self.store.prune_versions, sorted(touched), self.keep_versions)
+        if self.keep_days:
+            self._repeat(self.store.prune_older, now_us() - int(self.keep_days * 86400e6))
+
+    def _prune_every_event(self):
+        after = ""
+        while not self._stopped:
+            try:
+                names = self.store.event_names(after)
+                if not names:
+                    return
+                self._repeat(self.store.prune_versions, names, self.keep_versions)
+            except StoreError:
+                return
+            after = names[-1]
+
+    def _repeat(self, prune, *args):
+        """prune(*args) until a batch deletes fewer than PRUNE_ROWS, yielding to writers between."""
+        while not self._stopped:
+            deleted = prune(*args)
+            self.metrics.add("broker_records_pruned_total", deleted)
+            if deleted < PRUNE_ROWS:
+                return
+            time.sleep(0.01)
 
 
 class Watchdog:
@@ -1189,6 +1316,85 @@ class Workers:
                         self._idle -= 1
                         return
                 job = self._jobs.get()        # a job was promised as the wait ran out
+
+
+class Metrics:
+    """What GET /metrics reports: counters, and histograms with fixed buckets, in the Prometheus
+    text format 0.0.4. No label names an event or a client. self._lock guards both dicts."""
+
+    HISTOGRAMS = {
+        "broker_commit_duration_seconds": (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        "broker_commit_rows": (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+    }
+    HELP = {
+        "broker_inserts_total": "records stored and acknowledged",
+        "broker_inserts_refused_total": "POST /insert requests refused, by status",
+        "broker_records_delivered_total": "records written to /events streams (sync, resume and live)",
+        "broker_streams_opened_total": "/events streams opened",
+        "broker_streams_dropped_total": "/events streams dropped for reading nothing for --write-timeout",
+        "broker_records_pruned_total": "old versions deleted by --keep-versions and --keep-days",
+        "broker_commit_duration_seconds": "time to write and commit one group of inserts",
+        "broker_commit_rows": "records per group commit",
+    }
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = collections.Counter({(name, ""): 0 for name in self.HELP
+                                            if name.endswith("_total") and name != "broker_inserts_refused_total"})
+        self._buckets = {name: [0] * (len(bounds) + 1) for name, bounds in self.HISTOGRAMS.items()}
+        self._sums = dict.fromkeys(self.HISTOGRAMS, 0.0)
+
+    def add(self, name, amount=1, labels=""):
+        if amount:
+            with self._lock:
+                self._counts[name, labels] += amount
+
+    def observe(self, name, value):
+        index = bisect.bisect_left(self.HISTOGRAMS[name], value)
+        with self._lock:
+            self._buckets[name][index] += 1
+            self._sums[name] += value
+
+    def render(self, gauges):
+        """The exposition: every counter and histogram, then gauges [(name, help, value)]."""
+        with self._lock:
+            counts, buckets, sums = dict(self._counts), {k: list(v) for k, v in self._buckets.items()}, dict(self._sums)
+        lines = []
+        for name in self.HELP:
+            kind = "counter" if name.endswith("_total") else "histogram"
+            lines += [f"# HELP {name} {self.HELP[name]}", f"# TYPE {name} {kind}"]
+            if kind == "counter":
+                lines += [f"{name}{labels} {value}" for (counted, labels), value in sorted(counts.items()) if counted == name]
+                continue
+            total = 0
+            for bound, count in zip(self.HISTOGRAMS[name] + ("+Inf",), buckets[name]):
+                total += count
+                lines.append(f'{name}_bucket{{le="{bound}"}} {total}')
+            lines += [f"{name}_sum {sums[name]}", f"{name}_count {total}"]
+        for name, help_text, kind, value in gauges:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return ("\n".join(lines) + "\n").encode()
+
+
+def process_gauges():
+    """The standard process_* metrics, from /proc and resource (empty where /proc is missing)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    gauges = [("process_cpu_seconds_total", "user and system CPU time", "counter", usage.ru_utime + usage.ru_stime),
+              ("process_max_fds", "the open-file limit", "gauge", resource.getrlimit(resource.RLIMIT_NOFILE)[0])]
+    try:
+        with open("/proc/self/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as file:
+            boot = next(int(line.split()[1]) for line in file if line.startswith("btime "))
+        gauges += [
+            ("process_virtual_memory_bytes", "virtual memory size", "gauge", int(fields[20])),
+            ("process_resident_memory_bytes", "resident memory size", "gauge", int(fields[21]) * resource.getpagesize()),
+            ("process_start_time_seconds", "start time since the Unix epoch", "gauge",
+             boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")),
+            ("process_open_fds", "open file descriptors", "gauge", len(os.listdir("/proc/self/fd")))]
+    except (OSError, IndexError, StopIteration, ValueError):
+        pass
+    return gauges
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -1477,6 +1683,7 @@ class Handler(HTTPHandler):
         "/insert": {"POST": "post_insert"},
         "/events": {"GET": "get_events"},
         "/healthz": {"GET": "get_healthz"},
+        "/metrics": {"GET": "get_metrics"},
     }
 
     def setup(self):
@@ -1550,6 +1757,7 @@ class Handler(HTTPHandler):
         if not broker.fanout.open_stream(broker.max_clients):
             self._refuse_stream(broker.max_clients)
             return
+        broker.metrics.add("broker_streams_opened_total")
         handed_over = False
         try:
             self.connection.settimeout(broker.write_timeout)     # a reader may take its time, not forever
@@ -1606,7 +1814,7 @@ class Handler(HTTPHandler):
         else:
             read_page = broker.store.latest if resume is None else broker.store.after
             for records in record_pages(read_page, resume or 0, newest, wants):
-                write_records(self.body, records, wants)
+                broker.metrics.add("broker_records_delivered_total", write_records(self.body, records, wants))
         self.body.write(b"id: %d\n\n" % newest)
         return newest
 
@@ -1615,7 +1823,8 @@ class Handler(HTTPHandler):
         # connecting at once costs one database read, not one each.
         cached = broker.hub.cached_sync(newest)
         if cached is not None:
-            self.body.write(cached)
+            self.body.write(cached[0])
+            broker.metrics.add("broker_records_delivered_total", cached[1])
             return
         messages, size = [], 0
         for records in record_pages(broker.store.latest, 0, newest):
@@ -1625,8 +1834,9 @@ class Handler(HTTPHandler):
                 size += len(message)
                 if size <= SYNC_CACHE_BYTES:
                     messages.append(message)
+            broker.metrics.add("broker_records_delivered_total", len(records))
         if size <= SYNC_CACHE_BYTES:
-            broker.hub.cache_sync(newest, b"".join(messages))
+            broker.hub.cache_sync(newest, (b"".join(messages), len(messages)))
 
     def get_audit(self):
         allowed = self._allowed("subscribe")
@@ -1679,6 +1889,19 @@ class Handler(HTTPHandler):
             return self._query_value("access_token", None)
         return None
 
+    def get_metrics(self):
+        broker = self.server.broker
+        if broker.subscribe_token is not None:       # else open, like /healthz
+            token = self._bearer_token(allow_query=True)
+            if token is None or not same_secret(token, broker.subscribe_token):
+                raise RequestError(401, "the subscribe token is required", [("WWW-Authenticate", "Bearer")])
+        self.send_bytes(200, broker.metrics_text(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def _refuse(self, status, message, headers=()):
+        if self.command == "POST" and self.path.split("?")[0] == "/insert":
+            self.server.broker.metrics.add("broker_inserts_refused_total", 1, f'{{status="{status}"}}')
+        super()._refuse(status, message, headers)
+
     def get_healthz(self):
         broker = self.server.broker
         body = json_bytes({"status": "ok", "subscribers": broker.fanout.count(), "last_id": broker.hub.newest})
@@ -1730,10 +1953,14 @@ def record_pages(read_page, after_id, upto_id, wants=None):
 
 
 def write_records(body, records, wants):
-    """Write the SSE message of each record wants; one at a time, so a page is never copied whole."""
+    """Write the SSE message of each record wants, one at a time so a page is never copied
+    whole; return how many."""
+    written = 0
     for record in records:
         if wants.matches(record.event):
             body.write(record.to_sse())
+            written += 1
+    return written
 
 
 def audit_json(store, event, since=0, limit=None):
@@ -1766,7 +1993,8 @@ class Broker:
             if value is not None and convert is not str and convert is not bool:
                 value = convert(value)
             setattr(self, name, value)
-        self.store = self.hub = self.fanout = self._server = None
+        self.store = self.hub = self.fanout = self.pruner = self._server = None
+        self.metrics = Metrics()
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
@@ -1779,7 +2007,9 @@ class Broker:
         self.store = Store(self.db, self.sync, on_commit=self._on_commit)
         self.hub = Hub(self.store.newest_id())
         self.workers = Workers()
-        self.fanout = Fanout(self.hub, self.store, self.heartbeat, self.write_timeout, self.workers.submit)
+        self.fanout = Fanout(self.hub, self.store, self.heartbeat, self.write_timeout, self.workers.submit,
+                             self.metrics)
+        self.pruner = Pruner(self.store, self.keep_versions, self.keep_days, self.metrics)
         if self.max_clients is None:
             self.max_clients = default_max_clients()
         try:
@@ -1788,12 +2018,25 @@ class Broker:
             self.store.close()
             raise
         self.fanout.start()
+        self.pruner.start()
         self._server.watchdog.start()
         threading.Thread(target=self._server.serve_forever, name="broker-accept", daemon=True).start()
         return self
 
-    def _on_commit(self, records):
+    def _on_commit(self, records, seconds):
         self.hub.publish(records)
+        self.pruner.note(records)
+        self.metrics.add("broker_inserts_total", len(records))
+        self.metrics.observe("broker_commit_duration_seconds", seconds)
+        self.metrics.observe("broker_commit_rows", len(records))
+
+    def metrics_text(self):
+        """GET /metrics: the Prometheus text exposition."""
+        return self.metrics.render([
+            ("broker_streams_open", "open /events streams", "gauge", self.fanout.count()),
+            ("broker_newest_id", "the newest record id", "gauge", self.hub.newest),
+            ("broker_database_bytes", "the database's size on disk", "gauge", self.store.size_bytes()),
+            *process_gauges()])
 
     def stop(self):
         """Stop accepting, end every stream, close the database. Safe to call twice, from any thread."""
@@ -1804,6 +2047,7 @@ class Broker:
             self._server.shutdown()
             self._server.server_close()
             self._server.watchdog.stop()
+            self.pruner.stop()
             self.hub.close()
             self.fanout.join(timeout=5)
             self.store.close()
