@@ -1178,13 +1178,17 @@ class Pruner:
         if self.keep_versions:
             with self._lock:
                 self._touched.update(record.event for record in records)
-            self._wake.set()
+        self._wake.set()
+
+    def _age_check_interval(self):
+        # Without inserts, records still age past --keep-days: look again now and then.
+        return min(60.0, self.keep_days * 86400 / 4) if self.keep_days else None
 
     def _run(self):
         if self.keep_versions:
             self._prune_every_event()
         while not self._stopped:
-            self._wake.wait(PRUNE_PAUSE * 60 if self.keep_days else None)   # time alone ages records
+            self._wake.wait(self._age_check_interval())
             self._wake.clear()
             try:
                 self._prune()

@@ -207,6 +207,26 @@ def subscribers(server):
     return call(server, "GET", "/healthz")[1]["subscribers"]
 
 
+METRICS_COUNTED = ["broker_inserts_total", 'broker_inserts_refused_total{status="400"}',
+                   'broker_inserts_refused_total{status="415"}', "broker_streams_opened_total",
+                   "broker_records_delivered_total", "broker_commit_rows_sum"]
+
+
+def metric(server, name):
+    """One sample of GET /metrics (name with its labels, as written), or 0 when absent."""
+    connection = http.client.HTTPConnection(*address(server), timeout=TIMEOUT)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name:
+            return float(value)
+    return 0
+
+
 def run_broker_process(test, *args):
     """python broker.py --port 0 --quiet ... in a subprocess, stopped at cleanup; (process, Remote)."""
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", "--quiet", *args],
@@ -603,6 +623,214 @@ def sign(claims, secret, alg="HS256"):
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
     signing_input = f"{encode(json.dumps({'alg': alg}).encode())}.{encode(json.dumps(claims).encode())}"
     return signing_input + "." + encode(hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest())
+
+
+class MatchTests(unittest.TestCase):
+    """?match= patterns: shell-style, beside exact ?event= names, in the sync, resume and live."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, jwt_secret="match-secret")
+        cls.token = broker.make_jwt("match-secret", ["*"], ["*"])
+
+    def stream(self, query, headers=None):
+        stream = EventStream(self.broker, f"/events?{query}&access_token={self.token}", headers)
+        self.addCleanup(stream.close)
+        return stream
+
+    def publish(self, event, data):
+        return self.broker.publish(event, data)["id"]
+
+    def test_patterns_and_names_choose_the_sync_the_resume_and_live(self):
+        room = unique_event(self)
+        first = self.publish(f"{room}.chat.a", 1)
+        self.publish(f"{room}.chat.b", 2)
+        self.publish(f"{room}.user", 3)
+        self.publish(f"{room}.other", 4)
+        query = urllib.parse.urlencode([("match", f"{room}.chat.*"), ("event", f"{room}.user")])
+        records, _ = self.stream(query).read_sync()
+        self.assertEqual([r["data"] for r in records], [1, 2, 3])
+        resumed = self.stream(query, {"Last-Event-ID": str(first)})
+        self.assertEqual([r["data"] for r in resumed.read_sync()[0]], [2, 3])
+        self.publish(f"{room}.other", 5)
+        self.publish(f"{room}.chat.c", 6)
+        self.assertEqual(resumed.read_message()["data"], 6)
+
+    def test_event_stays_an_exact_name(self):
+        name = unique_event(self)
+        self.publish(name + "*", "literal")
+        self.publish(name + "x", "other")
+        records, _ = self.stream(urllib.parse.urlencode({"event": name + "*"})).read_sync()
+        self.assertEqual([r["data"] for r in records], ["literal"])
+        records, _ = self.stream(urllib.parse.urlencode({"match": name + "[x]"})).read_sync()
+        self.assertEqual([r["data"] for r in records], ["other"])
+
+    def test_the_token_still_cuts_what_a_pattern_reveals(self):
+        room = unique_event(self)
+        self.publish(f"{room}.public", 1)
+        self.publish(f"{room}.secret", 2)
+        token = broker.make_jwt("match-secret", subscribe=[f"{room}.pub*"])
+        with EventStream(self.broker, f"/events?match={room}.*&access_token={token}") as stream:
+            self.assertEqual([r["data"] for r in stream.read_sync()[0]], [1])
+            self.publish(f"{room}.secret", 3)
+            self.publish(f"{room}.public", 4)
+            self.assertEqual(stream.read_message()["data"], 4)
+
+    def test_bad_patterns_are_400(self):
+        for query, error in [("match=", '"match" must not be empty'),
+                             ("match=a%01", '"match" must not hold control characters'),
+                             ("&".join(["match=a"] * 60 + ["event=b"] * 41), "at most 100 event and match filters")]:
+            with self.subTest(query=query[:20]):
+                status, body, _ = call(self.broker, "GET", f"/events?{query}&access_token={self.token}")
+                self.assertEqual(status, 400)
+                self.assertIn(error, body["error"])
+
+    def test_the_client_subscribes_by_pattern(self):
+        room = unique_event(self)
+        self.publish(f"{room}.chat.a", 1)
+        self.publish(f"{room}.user", 2)
+        records = self.broker.subscribe(match=[f"{room}.chat.*"], timeout=TIMEOUT, token=self.token)
+        self.addCleanup(records.close)
+        self.assertEqual(next(records)["data"], 1)
+        self.publish(f"{room}.user", 3)
+        self.publish(f"{room}.chat.b", 4)
+        self.assertEqual(next(records)["data"], 4)
+
+
+class BatchInsertTests(unittest.TestCase):
+    """POST /insert with an array: one transaction, all or none, consecutive ids in array order."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, jwt_secret="batch-secret")
+        cls.token = broker.make_jwt("batch-secret", ["*"], ["*"])
+
+    def post(self, body, token=None):
+        return call(self.broker, "POST", "/insert", body, {"Authorization": f"Bearer {token or self.token}"})
+
+    def test_a_batch_is_stored_in_order_and_reaches_subscribers_as_one_write(self):
+        name = unique_event(self)
+        stream = EventStream(self.broker, f"/events?event={name}&access_token={self.token}")
+        self.addCleanup(stream.close)
+        stream.read_sync()
+        status, records, _ = self.post([{"event": name, "data": n} for n in range(100)])
+        self.assertEqual(status, 200)
+        ids = [r["id"] for r in records]
+        self.assertEqual(ids, list(range(ids[0], ids[0] + 100)))
+        self.assertEqual([r["data"] for r in records], list(range(100)))
+        chunk = stream.read_chunk()              # the whole batch in one write
+        self.assertEqual(chunk.count(b"\n\n"), 100)
+        stream.body += chunk
+        self.assertEqual([stream.read_message()["id"] for _ in range(100)], ids)
+
+    def test_one_bad_item_stores_nothing_and_names_its_index(self):
+        name = unique_event(self)
+        for items, status, error in [
+                ([{"event": name, "data": 1}, {"event": name}], 400, 'item 1: "data" is missing'),
+                ([{"event": name, "data": 1}, 7], 400, 'item 1: must be a JSON object {"event": ..., "data": ...}'),
+                ([{"event": name, "data": 1}, {"event": "", "data": 2}], 400, 'item 1: "event" must not be empty'),
+                ([{"event": name, "data": n} for n in range(1001)], 400, "a batch holds at most 1000 records")]:
+            with self.subTest(error=error):
+                self.assertEqual(self.post(items)[:2], (status, {"error": error}))
+        token = broker.make_jwt("batch-secret", [name])
+        status, body, _ = self.post([{"event": name, "data": 1}, {"event": "elsewhere", "data": 2}], token)
+        self.assertEqual((status, body), (403, {"error": "item 1: the token does not allow publishing 'elsewhere'"}))
+        self.assertEqual(self.broker.audit(name), {})
+
+    def test_an_empty_batch_stores_nothing(self):
+        self.assertEqual(self.post([])[:2], (200, []))
+
+    def test_publish_many_in_process_and_by_the_client(self):
+        name = unique_event(self)
+        records = self.broker.publish_many([(name, 1), (name, 2)])
+        self.assertEqual([r["data"] for r in records], [1, 2])
+        self.assertEqual(records[1]["id"], records[0]["id"] + 1)
+        sent = broker.publish_many(self.broker.url, [(name, 3), (name + "b", 4)], token=self.token)
+        self.assertEqual([(r["event"], r["data"]) for r in sent], [(name, 3), (name + "b", 4)])
+        with self.assertRaises(broker.RequestError) as raised:
+            self.broker.publish_many([(name, 5), ("", 6)])
+        self.assertEqual(raised.exception.message, 'item 1: "event" must not be empty')
+        self.assertEqual(list(self.broker.audit(name).values()), [1, 2, 3])
+
+
+class RetentionTests(unittest.TestCase):
+    """--keep-versions and --keep-days: old versions go, the latest of each event stays."""
+
+    def wait_for_versions(self, server, event, count):
+        wait_until(lambda: len(server.audit(event)) == count, timeout=TIMEOUT * 2)
+        return list(server.audit(event).values())
+
+    def test_keep_versions_keeps_the_newest_and_never_reuses_ids(self):
+        with Broker(db=temp_db(type(self)), port=0, quiet=True, keep_versions=3) as server:
+            records = server.publish_many([("e", n) for n in range(10)]) + [server.publish("f", "only")]
+            self.assertEqual(self.wait_for_versions(server, "e", 3), [7, 8, 9])
+            self.assertEqual(server.latest(), {"e": 9, "f": "only"})
+            with EventStream(server, headers={"Last-Event-ID": "0"}) as stream:      # resume: what remains
+                self.assertEqual([r["data"] for r in stream.read_sync()[0]], [7, 8, 9, "only"])
+            self.assertEqual(server.publish("e", 10)["id"], records[-1]["id"] + 1)
+            self.assertEqual(self.wait_for_versions(server, "e", 3), [8, 9, 10])
+            self.assertEqual(metric(server, "broker_records_pruned_total"), 8)
+
+    def test_keep_versions_prunes_an_existing_history_at_start(self):
+        db = temp_db(type(self))
+        with Broker(db=db, port=0, quiet=True) as server:
+            server.publish_many([("e", n) for n in range(600)])
+            server.publish_many([("e", n) for n in range(600, 1200)])
+        with Broker(db=db, port=0, quiet=True, keep_versions=2) as server:
+            self.assertEqual(self.wait_for_versions(server, "e", 2), [1198, 1199])
+
+    def test_keep_days_drops_old_versions_but_not_the_latest(self):
+        with Broker(db=temp_db(type(self)), port=0, quiet=True, keep_days=1 / 86400) as server:  # one second
+            server.publish_many([("e", 1), ("e", 2), ("lonely", 3)])
+            wait_until(lambda: server.audit("e") and len(server.audit("e")) == 1, timeout=TIMEOUT * 2)
+            self.assertEqual(list(server.audit("e").values()), [2])
+            self.assertEqual(server.latest(), {"e": 2, "lonely": 3})
+
+    def test_the_file_stops_growing_under_a_steady_load(self):
+        db = temp_db(type(self))
+        with Broker(db=db, port=0, quiet=True, sync="normal", keep_versions=10) as server:
+            def load(rounds):
+                for _ in range(rounds):
+                    server.publish_many([(f"e{n % 20}", "x" * 2000) for n in range(1000)])
+                    for n in range(20):
+                        self.wait_for_versions(server, f"e{n}", 10)
+                return server.store.size_bytes()         # the file and its write-ahead log
+            settled = load(5)
+            self.assertLess(load(20), settled * 1.2)        # 20,000 more versions in freed pages
+
+
+class MetricsTests(unittest.TestCase):
+    """GET /metrics: counters that move by exactly what a client did (format: deploy/test_metrics.py)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = start_broker(cls, max_body=65536)
+
+    def test_counters_move_by_what_clients_did(self):
+        before = {name: metric(self.broker, name) for name in METRICS_COUNTED}
+        name = unique_event(self)
+        self.broker.publish_many([(name, 1), (name, 2)])
+        insert(self.broker, {"event": name, "data": 3})
+        insert(self.broker, b"{bad")
+        insert(self.broker, {"event": name, "data": 4}, content_type="text/plain")
+        with EventStream(self.broker, f"/events?event={name}") as stream:
+            self.assertEqual(len(stream.read_sync()[0]), 1)
+            wait_until(lambda: metric(self.broker, "broker_streams_open") == 1)
+            self.broker.publish(name, 5)
+            stream.read_message()
+        after = {name: metric(self.broker, name) for name in METRICS_COUNTED}
+        self.assertEqual({name: after[name] - before[name] for name in METRICS_COUNTED}, {
+            "broker_inserts_total": 4, 'broker_inserts_refused_total{status="400"}': 1,
+            'broker_inserts_refused_total{status="415"}': 1, "broker_streams_opened_total": 1,
+            "broker_records_delivered_total": 2, "broker_commit_rows_sum": 4})
+        self.assertEqual(metric(self.broker, "broker_newest_id"), self.broker.hub.newest)
+        self.assertGreater(metric(self.broker, "process_resident_memory_bytes"), 0)
+
+    def test_the_subscribe_token_guards_it(self):
+        with Broker(db=":memory:", port=0, quiet=True, subscribe_token="read") as server:
+            self.assertEqual(call(server, "GET", "/metrics")[0], 401)
+            status, _, headers = call(server, "GET", "/metrics", headers={"Authorization": "Bearer read"})
+            self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
 
 
 class SyncSnapshotTests(unittest.TestCase):
@@ -1478,6 +1706,18 @@ class EmbeddingTests(unittest.TestCase):
             self.assertEqual(status, 200)
         with self.assertRaises(OSError):
             call(embedded, "GET", "/healthz")
+
+    def test_run_serves_in_the_foreground_until_sigterm(self):
+        db = temp_db(type(self))
+        process = subprocess.Popen([sys.executable, "-c", f"import broker; broker.run(port=0, db={db!r}, quiet=True)"],
+                                   cwd=HERE, stdout=subprocess.PIPE)
+        self.addCleanup(process.kill)
+        self.addCleanup(process.stdout.close)
+        url = process.stdout.readline().decode().split()[3]
+        self.assertEqual(broker.publish_to(url, "run", 1)["data"], 1)
+        self.assertEqual(call(Remote(url), "OPTIONS", "/events")[2]["Access-Control-Allow-Origin"], "*")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=5), 0)
 
     def test_two_brokers_are_independent(self):
         with Broker(db=":memory:", port=0, quiet=True) as one, Broker(db=":memory:", port=0, quiet=True) as two:
