@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PORT ?= 8080
 
-.PHONY: run test insert token demo test-browser test-proxy bench bench-full clean
+.PHONY: run test insert token demo client test-browser test-proxy bench bench-full clean
 
 run:
 	$(PYTHON) broker.py --port $(PORT)
@@ -21,7 +21,7 @@ SUBSCRIBE ?= *
 token:
 	$(PYTHON) broker.py token --secret '$(SECRET)' --publish '$(PUBLISH)' --subscribe '$(SUBSCRIBE)' --expires 86400
 
-demo:
+demo client:
 	@echo "name demo:  http://127.0.0.1:$(PORT)/index.html"
 	@echo "inspector:  http://127.0.0.1:$(PORT)/inspector.html"
 	$(PYTHON) broker.py --port $(PORT) --static demo

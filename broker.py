@@ -9,15 +9,15 @@
     from broker import Broker             # or embed it, e.g. in a test harness
     with Broker(db=":memory:", port=0) as b: b.publish("user", {"name": "Ada"})
 
-Endpoints: POST /insert, GET /events, GET /audit/{event}, GET /healthz. Python 3.9+.
+Endpoints: POST /insert, GET /events, GET /audit/{event}, GET /healthz, GET /metrics. Python 3.9+.
 
 In file order: OPTIONS and small helpers (JSON, validation, JWT); Record and EventFilter; Store,
 the SQLite file (one write connection with group commit, read connections, pages bounded in
 bytes); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
-with blocking writes; Fanout, the one thread writing every live stream; Watchdog and Workers
-(request deadlines, reused threads); Server; HTTPHandler, HTTP without the broker, and Handler,
+with blocking writes; Fanout, the one thread writing every live stream; Pruner, history retention;
+Watchdog and Workers (request deadlines, reused threads); Metrics, for GET /metrics; Server; HTTPHandler, HTTP without the broker, and Handler,
 the endpoints; Broker, what main() and embedding programs use; the client (publish_to,
-subscribe, EventStreamParser); main().
+subscribe, EventStreamParser); main() and run().
 """
 __all__ = ["Broker", "RequestError", "main", "publish_many", "publish_to", "run", "subscribe"]
 
