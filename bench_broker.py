@@ -38,6 +38,11 @@ TICKS = os.sysconf("SC_CLK_TCK")
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 CROWD_RATE = 5.0                   # records per second in the crowd scenario
 CONNECT_EVENTS = 100               # distinct events stored before the connect scenario
+SLOW_READ_BYTES = 64 << 10         # a slow reader takes this much (and its receive buffer holds this)
+SLOW_READ_INTERVAL = 0.5           # ... every this many seconds: progress, so it is never dropped
+SLOW_PAUSE_MARGIN = 1.25           # slow readers first read nothing until this many times off the ring
+RING_BYTES = 16 << 20              # broker.py's RING_BYTES: a reader further behind catches up from SQLite
+PAGE_BYTES = 1 << 20               # broker.py's PAGE_BYTES: what it may hold for a reader beyond the sockets
 SERVERS = ("broker", "floor")
 SENT = re.compile(rb'"sent":\s*(\d+)')
 
@@ -49,6 +54,12 @@ SIZES = [
     ("rate",                 20.0,       20.0,        "fanout: records per second"),
     ("crowd",                2000,       10000,       "crowd: subscribers connected at once"),
     ("crowd_records",        10,         25,          f"crowd: records published at {CROWD_RATE:g}/s"),
+    ("slow_readers",         10,         10,          "slow: readers that stall, then read "
+                                                      f"{SLOW_READ_BYTES >> 10} KiB/{SLOW_READ_INTERVAL:g} s"),
+    ("slow_record_kib",      160,        160,         "slow: KiB of data in each record"),
+    ("slow_rate",            20.0,       20.0,        "slow: records per second"),
+    ("slow_alone_seconds",   6.0,        15.0,        "slow: seconds published before slow readers come"),
+    ("slow_seconds",         18.0,       40.0,        "slow: seconds published with them"),
     ("throughput_seconds",   2.0,        3.0,         "throughput: seconds of closed-loop publishing"),
     ("memory_subscribers",   "500,1000", "1000,3000", "memory: subscriber counts, comma-separated"),
     ("connect_subscribers",  1000,       1000,        "connect: subscribers syncing at once"),
@@ -58,7 +69,7 @@ SIZES = [
     ("history_load_seconds", 30.0,       420.0,       "history: stop loading after this long"),
     ("repeat",               1,          2,           "runs per server, interleaved broker, floor, ..."),
 ]
-SCENARIOS = ("fanout", "crowd", "throughput", "memory", "connect", "insert", "history")
+SCENARIOS = ("fanout", "crowd", "slow", "throughput", "memory", "connect", "insert", "history")
 
 
 # --- small helpers: statistics, /proc, limits -----------------------------------------------------
@@ -262,9 +273,13 @@ def split_response(buf):
     return int(head.split(" ", 2)[1]), buf[end + 4:stop], buf[stop:]
 
 
-def insert_request(port, event, seq):
-    # The send time rides in the record, so any subscriber can compute its own latency.
-    body = json.dumps({"event": event, "data": {"sent": time.time_ns(), "seq": seq}}).encode()
+def insert_request(port, event, seq, pad=0):
+    # The send time rides in the record, so any subscriber can compute its own latency;
+    # pad adds that many bytes of data after it, for scenarios that need large records.
+    data = {"sent": time.time_ns(), "seq": seq}
+    if pad:
+        data["pad"] = "x" * pad
+    body = json.dumps({"event": event, "data": data}).encode()
     return (b"POST /insert HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (HOST.encode(), port, len(body), body))
 
@@ -883,6 +898,95 @@ class SubscriberPool:
         self.close()
 
 
+class SlowReader:
+    """One /events stream read a little at a time, as over a slow link: how far it got, in what order."""
+    __slots__ = ("sock", "reader", "sync_id", "last_id", "frames", "bytes", "skipped", "repeated",
+                 "ages", "closed")
+
+    def __init__(self, sock):
+        self.sock, self.reader = sock, StreamReader()
+        self.sync_id = None
+        self.last_id = self.frames = self.bytes = self.skipped = self.repeated = 0
+        self.ages = []            # (receive time ns, age in ns of the newest record it received then)
+        self.closed = None        # why the stream ended, if it did
+
+    def read(self, size, now_ns):
+        if self.closed:
+            return
+        try:
+            data = self.sock.recv(size)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            data, reason = b"", f"recv: {error}"
+        else:
+            reason = "closed by the server"
+        if not data:
+            self.closed = reason
+            return
+        newest_sent = None
+        for message in self.reader.feed(data):
+            ident, body = sse_fields(message)
+            if self.sync_id is None:
+                if body is None and ident is not None:
+                    self.sync_id = self.last_id = ident      # the id-only block ends the sync
+                continue
+            if body is None:
+                continue                                     # a heartbeat comment
+            self.frames += 1
+            self.bytes += len(message) + 2
+            if ident <= self.last_id:
+                self.repeated += 1
+                continue
+            self.skipped += ident - self.last_id - 1         # one event, so the ids are consecutive
+            self.last_id = ident
+            sent = SENT.search(body)
+            newest_sent = int(sent.group(1)) if sent else newest_sent
+        if newest_sent is not None:
+            self.ages.append((now_ns, now_ns - newest_sent))
+
+    def report(self):
+        return {"synced": self.sync_id is not None, "last_id": self.last_id, "frames": self.frames,
+                "bytes": self.bytes, "skipped": self.skipped, "repeated": self.repeated,
+                "ages": self.ages, "closed": self.closed}
+
+
+def slow_reader_worker(pipe, port, count, read_bytes, interval, pause):
+    """Client process: open `count` /events streams with receive buffers of read_bytes and read
+    each sync; then read nothing for pause seconds, then take read_bytes from each every interval
+    seconds until the parent asks how far each got."""
+    request = b"GET /events HTTP/1.1\r\nHost: %s:%d\r\nAccept: text/event-stream\r\n\r\n" % (
+        HOST.encode(), port)
+    readers = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, read_bytes)   # before connect: a small window
+        # ... and an Ethernet-sized MSS, not loopback's 64 KiB, so the broker's send buffer for this
+        # socket stays as small as for a remote reader and it writes (and catches up) often.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+        sock.settimeout(10)
+        sock.connect((HOST, port))
+        sock.sendall(request)
+        readers.append(SlowReader(sock))
+    for reader in readers:             # the sync is read at once, so the stream is live before it stalls
+        while reader.sync_id is None and not reader.closed:
+            reader.read(read_bytes, time.time_ns())
+        reader.sock.setblocking(False)
+    pipe.send(sum(1 for r in readers if r.sync_id is not None and not r.closed))
+    started = time.monotonic()
+    next_read = started + pause
+    while not pipe.poll(max(0.0, next_read - time.monotonic())):
+        now_ns = time.time_ns()
+        for reader in readers:
+            reader.read(read_bytes, now_ns)
+        next_read += interval
+    pipe.recv()                        # "report"
+    pipe.send({"readers": [reader.report() for reader in readers],
+               "read_seconds": max(0.0, time.monotonic() - started - pause)})
+    for reader in readers:
+        reader.sock.close()
+
+
 class InsertConnection:
     __slots__ = ("sock", "buf", "sent_ns", "busy", "quickack")
 
@@ -900,8 +1004,9 @@ class Publisher:
     """Keep-alive /insert connections with one request in flight on each. rate > 0 paces them
     (record k is due k / rate s after the start); rate 0 is closed-loop, as fast as acknowledged."""
 
-    def __init__(self, port, connections, count, seconds, event, rate, distinct, quickack):
+    def __init__(self, port, connections, count, seconds, event, rate, distinct, quickack, pad=0):
         self.port, self.count, self.event, self.rate, self.distinct = port, count, event, rate, distinct
+        self.pad = pad
         self.conns = [InsertConnection(port, quickack) for _ in range(connections)]
         self.by_fd = {conn.sock.fileno(): conn for conn in self.conns}
         self.epoll = select.epoll()
@@ -933,7 +1038,13 @@ class Publisher:
                 continue
             self.slip = max(self.slip, now - self.due(now))
             name = f"{self.event}{self.seq % self.distinct}" if self.distinct else self.event
-            conn.sock.send(insert_request(self.port, name, self.seq))
+            request = insert_request(self.port, name, self.seq, self.pad)
+            if self.pad:              # a large request may not fit the socket buffer: send it whole
+                conn.sock.settimeout(10)
+                conn.sock.sendall(request)
+                conn.sock.setblocking(False)
+            else:
+                conn.sock.send(request)
             conn.sent_ns, conn.busy = time.monotonic_ns(), True
             self.seq += 1
 
@@ -949,11 +1060,11 @@ class Publisher:
 
 
 def publisher_worker(pipe, port, connections, count, seconds, event, rate=0.0, distinct=0, grace=10.0,
-                     quickack=False):
+                     quickack=False, pad=0):
     """Client process: run a Publisher; the answer lists every acknowledged id and its latency.
     quickack ACKs every response at once, so a server's Nagle delay cannot slow a bulk load."""
     cpu = own_cpu_seconds()
-    publisher = Publisher(port, connections, count, seconds, event, rate, distinct, quickack)
+    publisher = Publisher(port, connections, count, seconds, event, rate, distinct, quickack, pad)
     publisher.run(grace)
     publisher.close()
     pipe.send({"ids": publisher.ids, "latencies": publisher.latencies, "statuses": publisher.statuses,
@@ -1004,19 +1115,21 @@ def fetch_worker(pipe, port, path, socket_timeout):
                "entries": entries, "cpu": own_cpu_seconds() - cpu})
 
 
-def publish(bench, server, count, seconds, event, connections=1, rate=0.0, distinct=0, quickack=False):
+def publish(bench, server, count, seconds, event, connections=1, rate=0.0, distinct=0, quickack=False,
+            pad=0):
     """Run a publisher process against server and return its answer."""
     timeout = min(seconds, count / rate if rate else seconds) + 60
     return run_in_client(publisher_worker, timeout, port=server.port, connections=connections,
                          count=count, seconds=seconds, event=event, rate=rate, distinct=distinct,
-                         quickack=quickack)
+                         quickack=quickack, pad=pad)
 
 
 # --- the report ---------------------------------------------------------------------------------------
 
-TARGET_TEXT = {"<=x": "<= {}x floor", ">=x": ">= {}x floor", "<=": "<= {}", "<": "< {}", "==": "= {}"}
+TARGET_TEXT = {"<=x": "<= {}x floor", ">=x": ">= {}x floor", "<=": "<= {}", "<": "< {}", ">=": ">= {}",
+               "==": "= {}"}
 TARGET_TEST = {"<=x": lambda v, t: v <= t, ">=x": lambda v, t: v >= t, "<=": lambda v, t: v <= t,
-               "<": lambda v, t: v < t, "==": lambda v, t: v == t}
+               "<": lambda v, t: v < t, ">=": lambda v, t: v >= t, "==": lambda v, t: v == t}
 
 
 def ratio(broker, floor):
@@ -1220,6 +1333,141 @@ def scenario_crowd(bench):
                       ("client CPU % (busiest process)", "client_cpu_pct", None),
                       NOISE_ROW,
                   ])]
+
+
+def socket_slack_bytes():
+    """What may sit between the broker's cursor for a slow reader and what the reader has received:
+    the broker's send buffer (at most tcp_wmem's maximum), the reader's receive buffer (Linux
+    doubles the SO_RCVBUF asked for) and a page."""
+    with open("/proc/sys/net/ipv4/tcp_wmem") as file:
+        send_max = int(file.read().split()[2])
+    return send_max + 2 * SLOW_READ_BYTES + PAGE_BYTES
+
+
+def slow_pause_seconds(args):
+    """How long the slow readers read nothing: until they are SLOW_PAUSE_MARGIN times as far
+    behind as the ring and the socket buffers hold, so that they catch up from the database."""
+    record_bytes = args.slow_record_kib * 1024 + 64              # the data and the SSE lines around it
+    return SLOW_PAUSE_MARGIN * (RING_BYTES + socket_slack_bytes()) / (record_bytes * args.slow_rate)
+
+
+def fast_phase(bench, server, seconds, label):
+    """One fast subscriber while records of slow_record_kib are published for seconds: its
+    delivery figures, keys prefixed with label, and the publisher's answer."""
+    args = bench.args
+    with SubscriberPool(bench, server.port, 1) as pool:
+        sync = pool.wait_synced()
+        meter = Meter(server.pid)
+        published = publish(bench, server, round(seconds * args.slow_rate), seconds + 30, "slow",
+                             rate=args.slow_rate, pad=args.slow_record_kib * 1024)
+        live = pool.collect(published["ids"], grace=10)
+        _cpu, waited = meter.read()
+    figures = delivery_figures(live, sync, len(published["ids"]))
+    figures.update(acked=len(published["ids"]), slip_s=published["slip"], waited_ms=waited * 1000,
+                   insert_p99_ms=latency_summary(published["latencies"])["p99_ms"],
+                   rss_mib=server.rss_kib() / 1024)
+    return {f"{label}_{key}": value for key, value in figures.items()}, published
+
+
+def off_ring_seconds(readers, published, ended_ns):
+    """Seconds before ended_ns during which every slow reader was, by its own reckoning, further
+    behind than the ring and the sockets hold: the age of its newest record times the publish rate."""
+    frame_bytes = per(sum(r["bytes"] for r in readers), sum(r["frames"] for r in readers))
+    if not frame_bytes or not published["seconds"]:
+        return 0.0
+    byte_rate = frame_bytes * len(published["ids"]) / published["seconds"]
+    off_ring = RING_BYTES + socket_slack_bytes()
+    since = []
+    for reader in readers:
+        off = [at for at, age in reader["ages"] if age / 1e9 * byte_rate >= off_ring]
+        if not off:
+            return 0.0
+        since.append(off[0])
+    return max(0.0, (ended_ns - max(since)) / 1e9)
+
+
+def slow_run(bench, server):
+    args = bench.args
+    figures, _ = fast_phase(bench, server, args.slow_alone_seconds, "alone")
+    server.reset_peak()
+    readers = ClientProcess(slow_reader_worker, port=server.port, count=args.slow_readers,
+                            read_bytes=SLOW_READ_BYTES, interval=SLOW_READ_INTERVAL,
+                            pause=slow_pause_seconds(args))
+    try:
+        synced = readers.receive(30)
+        with_slow, published = fast_phase(bench, server, args.slow_seconds, "with")
+        ended_ns = time.time_ns()
+        figures["rss_peak_mib"] = server.peak_kib() / 1024
+        readers.send("report")
+        report = readers.receive(30)
+    finally:
+        readers.finish()
+    figures.update(with_slow)
+    slow = report["readers"]
+    newest = max(published["ids"], default=0)
+    lags = [(newest - r["last_id"]) * per(r["bytes"], r["frames"]) / 2 ** 20 for r in slow if r["frames"]]
+    figures.update(
+        p99_ratio=ratio(figures["with_p99_ms"], figures["alone_p99_ms"]),
+        lost=figures["alone_lost"] + figures["with_lost"],
+        duplicated=figures["alone_duplicated"] + figures["with_duplicated"],
+        disordered=figures["alone_disordered"] + figures["with_disordered"],
+        closed=figures["alone_closed"] + figures["with_closed"],
+        rss_growth_mib=figures["rss_peak_mib"] - figures["alone_rss_mib"],
+        slow_synced=synced,
+        slow_streaming=sum(1 for r in slow if r["synced"] and not r["closed"]),
+        slow_kib_per_s=per(statistics.median(r["bytes"] for r in slow) / 1024, report["read_seconds"]),
+        slow_lag_mib=min(lags) if len(lags) == len(slow) else 0.0,
+        slow_off_ring_s=off_ring_seconds(slow, published, ended_ns),
+        slow_misordered=sum(r["skipped"] + r["repeated"] for r in slow))
+    return figures
+
+
+def scenario_slow(bench):
+    args = bench.args
+    if "broker" not in bench.kinds:
+        return []
+    off_ring = round((RING_BYTES + socket_slack_bytes()) / 2 ** 20, 1)
+    pause = slow_pause_seconds(args)
+    readers = args.slow_readers
+    runs = bench.interleaved("slow readers", lambda server: slow_run(bench, server), kinds=["broker"])
+    return [Table(f"slow: 1 fast subscriber, {args.slow_record_kib} KiB records at {args.slow_rate:g}/s, "
+                  f"{args.slow_alone_seconds:g} s alone then {args.slow_seconds:g} s beside {readers} slow "
+                  f"readers (broker only)", runs, [
+                      ("alone: records acknowledged", "alone_acked", None),
+                      ("  fast subscriber latency p50 ms", "alone_p50_ms", None),
+                      ("  fast subscriber latency p99 ms", "alone_p99_ms", None),
+                      ("  fast subscriber latency max ms", "alone_max_ms", None),
+                      ("  insert latency p99 ms", "alone_insert_p99_ms", None),
+                      ("  server threads waiting for a CPU ms", "alone_waited_ms", None),
+                      (f"with {readers} slow readers: records acked", "with_acked", None),
+                      ("  fast subscriber latency p50 ms", "with_p50_ms", None),
+                      ("  fast subscriber latency p99 ms", "with_p99_ms", None),
+                      ("  fast subscriber latency max ms", "with_max_ms", None),
+                      ("  insert latency p99 ms", "with_insert_p99_ms", None),
+                      ("  publisher schedule slip s", "with_slip_s", None),
+                      ("  server threads waiting for a CPU ms", "with_waited_ms", None),
+                      ("fast p99 with slow readers / alone", "p99_ratio", ("<=", 1.5)),
+                      ("fast: lost records (both phases)", "lost", ("==", 0)),
+                      ("fast: duplicated", "duplicated", ("==", 0)),
+                      ("fast: out of order", "disordered", ("==", 0)),
+                      ("fast: streams closed by the server", "closed", ("==", 0)),
+                      ("server RSS before the slow readers MiB", "alone_rss_mib", None),
+                      ("server peak RSS with them MiB", "rss_peak_mib", None),
+                      ("  growth MiB", "rss_growth_mib", ("<=", 50)),
+                      ("server RSS at the end, with them MiB", "with_rss_mib", None),
+                      ("slow readers synced at the start", "slow_synced", ("==", readers)),
+                      ("slow readers still streaming at the end", "slow_streaming", ("==", readers)),
+                      ("slow reader KiB/s once reading (median)", "slow_kib_per_s", None),
+                      ("least slow-reader lag at the end MiB", "slow_lag_mib", (">=", off_ring)),
+                      ("s with every slow reader off the ring", "slow_off_ring_s", None),
+                      ("slow: records skipped/repeated/disordered", "slow_misordered", ("==", 0)),
+                  ], notes=[f"the slow readers read their sync, then nothing for {pause:.1f} s, then "
+                            f"{SLOW_READ_BYTES >> 10} KiB every {SLOW_READ_INTERVAL:g} s",
+                            f"a reader is off the ring (so catches up from SQLite) once it is more than "
+                            f"{off_ring:g} MiB behind by its own count: the {RING_BYTES >> 20} MiB ring plus "
+                            f"what socket buffers and one page may hold",
+                            "the floor would queue each slow reader's backlog in its own memory: nothing to "
+                            "compare with"])]
 
 
 def throughput_run(bench, server, count=100, publishers=4):
