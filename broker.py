@@ -99,7 +99,7 @@ OPTIONS = [
 
 RETRY_MS = 3000            # the reconnect delay a browser is told to use
 FULL_RETRY_MS = 5000       # ... and when --max-clients streams are open already
-PAGE_BYTES = 1 << 20       # a read for a client holds about this much data (or one larger record)
+PAGE_BYTES = 256 << 10     # a read for a client holds about this much data (or one larger record)
 PAGE_ROWS = 1000           # ... and at most this many rows
 RING_RECORDS = 8192        # recent frames kept in memory for the fan-out writer and joining streams
 RING_BYTES = 16 << 20      # ... and their size at most (a record may be up to --max-body)
@@ -737,6 +737,7 @@ class Store:
         try:
             db = self._open()
             db.execute("PRAGMA query_only=1")
+            db.execute("PRAGMA cache_size=-256")     # KiB: one per concurrent reader, and the OS caches the file too
         except sqlite3.Error as error:
             raise StoreError(f"the database cannot be read: {error}") from None
         return db
