@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """bench_broker.py - load benchmark for broker.py, measured beside a minimal epoll "floor" server.
 
-    python bench_broker.py --quick                    # every scenario, small sizes, under 2 minutes
-    python bench_broker.py                            # the full run, about 15 minutes
+    python bench_broker.py --quick                    # small sizes, every scenario but retention
+    python bench_broker.py                            # the full run (retention aside), about 6 minutes
+    python bench_broker.py --scenarios retention      # 1,000,000 inserts: the file with --keep-versions
     python bench_broker.py --scenarios fanout,insert --subscribers 1000 --repeat 3
     python bench_broker.py --servers floor            # the harness alone, without broker.py
 
@@ -43,6 +44,14 @@ SLOW_READ_INTERVAL = 0.5           # ... every this many seconds: progress, so i
 SLOW_PAUSE_MARGIN = 1.25           # slow readers first read nothing until this many times off the ring
 RING_BYTES = 16 << 20              # broker.py's RING_BYTES: a reader further behind catches up from SQLite
 PAGE_BYTES = 1 << 20               # broker.py's PAGE_BYTES: what it may hold for a reader beyond the sockets
+BATCH_RECORDS = 100                # batch: records in each POST /insert array
+BATCH_PUBLISHERS = 8               # ... and keep-alive connections, for single inserts and batches alike
+RETENTION_EVENTS = 100             # retention: distinct events the inserts cycle through
+RETENTION_KEEP = 10                # ... --keep-versions of the broker that prunes
+RETENTION_BATCH = 1000             # ... records per POST /insert array (broker.py's largest)
+RETENTION_PUBLISHERS = 4           # ... keep-alive connections
+RETENTION_SAMPLES = 10             # ... file sizes taken during the load, at every tenth of it
+RETENTION_LOAD_SECONDS = 300.0     # ... stop loading after this long
 SERVERS = ("broker", "floor")
 SENT = re.compile(rb'"sent":\s*(\d+)')
 
@@ -64,12 +73,18 @@ SIZES = [
     ("memory_subscribers",   "500,1000", "1000,3000", "memory: subscriber counts, comma-separated"),
     ("connect_subscribers",  1000,       1000,        "connect: subscribers syncing at once"),
     ("insert_seconds",       1.5,        3.0,         "insert: seconds per publisher count"),
+    ("batch_seconds",        2.0,        3.0,         "batch: seconds of single inserts, then as long "
+                                                      f"of arrays of {BATCH_RECORDS}"),
     ("history_versions",     20000,      1000000,     "history: versions of one event to load"),
     ("history_events",       5000,       100000,      "history: distinct events to load"),
     ("history_load_seconds", 30.0,       420.0,       "history: stop loading after this long"),
+    ("retention_inserts",    200000,     1000000,     f"retention: records on {RETENTION_EVENTS} events"),
+    ("retention_rate",       0.0,        0.0,         "retention: records per s, 0 as fast as acknowledged"),
     ("repeat",               1,          2,           "runs per server, interleaved broker, floor, ..."),
 ]
-SCENARIOS = ("fanout", "crowd", "slow", "throughput", "memory", "connect", "insert", "history")
+SCENARIOS = ("fanout", "crowd", "slow", "throughput", "memory", "connect", "insert", "batch", "history",
+             "retention")
+ON_REQUEST = ("retention",)        # run only when named in --scenarios: a million inserts take 90 s
 
 
 # --- small helpers: statistics, /proc, limits -----------------------------------------------------
@@ -279,9 +294,39 @@ def insert_request(port, event, seq, pad=0):
     data = {"sent": time.time_ns(), "seq": seq}
     if pad:
         data["pad"] = "x" * pad
-    body = json.dumps({"event": event, "data": data}).encode()
+    return post_insert_request(port, json.dumps({"event": event, "data": data}).encode())
+
+
+def batch_request(port, events, seq):
+    """One POST /insert of a JSON array: a record per event name, numbered from seq on."""
+    sent = time.time_ns()
+    return post_insert_request(port, json.dumps(
+        [{"event": event, "data": {"sent": sent, "seq": seq + i}} for i, event in enumerate(events)]).encode())
+
+
+def post_insert_request(port, body):
     return (b"POST /insert HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (HOST.encode(), port, len(body), body))
+
+
+def http_get(port, path, timeout=30):
+    """(status, body) of one GET over a blocking socket, chunked or not; for the parent's small reads."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (
+            path.encode(), HOST.encode(), port))
+        reader, body = StreamReader(), []
+        while not (reader.dechunker and reader.dechunker.done):
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            body.append(reader.feed_body(data))
+    return reader.status, b"".join(body)
+
+
+def metric(text, name):
+    """One unlabelled sample of a Prometheus text exposition, or None."""
+    found = re.search(r"^%s (\S+)$" % re.escape(name), text, re.MULTILINE)
+    return None if found is None else float(found.group(1))
 
 
 # --- the floor server -------------------------------------------------------------------------------
@@ -1002,11 +1047,16 @@ class InsertConnection:
 
 class Publisher:
     """Keep-alive /insert connections with one request in flight on each. rate > 0 paces them
-    (record k is due k / rate s after the start); rate 0 is closed-loop, as fast as acknowledged."""
+    (record k is due k / rate s after the start); rate 0 is closed-loop, as fast as acknowledged.
+    batch > 0 sends arrays of that many records; on_progress(acknowledged) is called each time
+    another `progress` records have been acknowledged."""
 
-    def __init__(self, port, connections, count, seconds, event, rate, distinct, quickack, pad=0):
+    def __init__(self, port, connections, count, seconds, event, rate, distinct, quickack, pad=0, batch=0,
+                 progress=0, on_progress=None):
         self.port, self.count, self.event, self.rate, self.distinct = port, count, event, rate, distinct
-        self.pad = pad
+        self.pad, self.batch = pad, batch
+        self.progress, self.on_progress = progress, on_progress
+        self.next_progress = progress
         self.conns = [InsertConnection(port, quickack) for _ in range(connections)]
         self.by_fd = {conn.sock.fileno(): conn for conn in self.conns}
         self.epoll = select.epoll()
@@ -1028,6 +1078,9 @@ class Publisher:
                 self.send_due(now)
             for fd, _mask in self.epoll.poll(self.wait_time()):
                 read_acks(self.by_fd[fd], self.ids, self.latencies, self.statuses)
+                if self.progress and len(self.ids) >= self.next_progress:
+                    self.on_progress(len(self.ids))
+                    self.next_progress = (len(self.ids) // self.progress + 1) * self.progress
 
     def due(self, now):
         return self.started + self.seq / self.rate if self.rate else now
@@ -1037,16 +1090,21 @@ class Publisher:
             if conn.busy or self.seq >= self.count or now < self.due(now):
                 continue
             self.slip = max(self.slip, now - self.due(now))
-            name = f"{self.event}{self.seq % self.distinct}" if self.distinct else self.event
-            request = insert_request(self.port, name, self.seq, self.pad)
-            if self.pad:              # a large request may not fit the socket buffer: send it whole
+            size = min(self.batch, self.count - self.seq) if self.batch else 1
+            names = [f"{self.event}{seq % self.distinct}" if self.distinct else self.event
+                     for seq in range(self.seq, self.seq + size)]
+            if self.batch:
+                request = batch_request(self.port, names, self.seq)
+            else:
+                request = insert_request(self.port, names[0], self.seq, self.pad)
+            if self.pad or self.batch:     # a large request may not fit the socket buffer: send it whole
                 conn.sock.settimeout(10)
                 conn.sock.sendall(request)
                 conn.sock.setblocking(False)
             else:
                 conn.sock.send(request)
             conn.sent_ns, conn.busy = time.monotonic_ns(), True
-            self.seq += 1
+            self.seq += size
 
     def wait_time(self):
         if self.rate and self.seq < self.count:
@@ -1060,11 +1118,13 @@ class Publisher:
 
 
 def publisher_worker(pipe, port, connections, count, seconds, event, rate=0.0, distinct=0, grace=10.0,
-                     quickack=False, pad=0):
-    """Client process: run a Publisher; the answer lists every acknowledged id and its latency.
-    quickack ACKs every response at once, so a server's Nagle delay cannot slow a bulk load."""
+                     quickack=False, pad=0, batch=0, progress=0):
+    """Client process: run a Publisher; the answer lists every acknowledged id and each request's
+    latency. quickack ACKs every response at once, so a server's Nagle delay cannot slow a bulk
+    load. progress > 0 also sends ("progress", acknowledged) every that many records."""
     cpu = own_cpu_seconds()
-    publisher = Publisher(port, connections, count, seconds, event, rate, distinct, quickack, pad)
+    publisher = Publisher(port, connections, count, seconds, event, rate, distinct, quickack, pad, batch,
+                          progress, lambda acked: pipe.send(("progress", acked)))
     publisher.run(grace)
     publisher.close()
     pipe.send({"ids": publisher.ids, "latencies": publisher.latencies, "statuses": publisher.statuses,
@@ -1086,7 +1146,11 @@ def read_acks(conn, ids, latencies, statuses):
             return
         status, body, conn.buf = response
         if status == 200:
-            ids.append(json.loads(body)["id"])
+            answer = json.loads(body)
+            if isinstance(answer, list):          # a batch: its records, in the order sent
+                ids.extend(record["id"] for record in answer)
+            else:
+                ids.append(answer["id"])
             latencies.append(time.monotonic_ns() - conn.sent_ns)
         else:
             statuses[status] = statuses.get(status, 0) + 1
@@ -1116,12 +1180,12 @@ def fetch_worker(pipe, port, path, socket_timeout):
 
 
 def publish(bench, server, count, seconds, event, connections=1, rate=0.0, distinct=0, quickack=False,
-            pad=0):
+            pad=0, batch=0):
     """Run a publisher process against server and return its answer."""
     timeout = min(seconds, count / rate if rate else seconds) + 60
     return run_in_client(publisher_worker, timeout, port=server.port, connections=connections,
                          count=count, seconds=seconds, event=event, rate=rate, distinct=distinct,
-                         quickack=quickack, pad=pad)
+                         quickack=quickack, pad=pad, batch=batch)
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -1207,6 +1271,28 @@ class Table:
         return {"title": self.title, "rows": rows, "notes": self.notes, "runs": self.runs}
 
 
+class SeriesTable:
+    """Figures taken one after another (a column per figure, a row per moment); prints and
+    saves like a Table, without servers to compare."""
+
+    def __init__(self, title, groups, columns, rows, notes=()):
+        self.title, self.groups, self.columns, self.rows, self.notes = title, groups, columns, rows, list(notes)
+
+    def lines(self):
+        """The title, the groups' names over their columns, the column names, a line per row."""
+        first = max(len(str(row[0])) for row in self.rows + [self.columns])
+        groups = "".join(f"{name:^{14 * span}}" for name, span in self.groups)
+        out = [f"== {self.title}", f"  {'':{first}}{groups}",
+               f"  {self.columns[0]:{first}}" + "".join(f"{name:>14}" for name in self.columns[1:])]
+        for row in self.rows:
+            out.append(f"  {row[0]:{first}}" + "".join(f"{number(value):>14}" for value in row[1:]))
+        return out + [f"  note: {note}" for note in self.notes]
+
+    def to_json(self):
+        return {"title": self.title, "groups": self.groups, "columns": self.columns, "rows": self.rows,
+                "notes": self.notes}
+
+
 # --- the benchmark ------------------------------------------------------------------------------------
 
 class Bench:
@@ -1217,18 +1303,21 @@ class Bench:
         self.kinds = [kind for kind in SERVERS if kind in args.servers]
         self.servers_started = 0
 
-    def command(self, kind, db):
+    def command(self, kind, db, extra=()):
         if kind == "broker":
             return [self.args.python, self.args.broker, "--port", "0", "--db", db, "--quiet",
-                    *self.args.broker_arg]
+                    *self.args.broker_arg, *extra]
         return [self.args.python, os.path.abspath(__file__), "--serve-floor", "--port", "0",
                 "--db", db, "--quiet"]
 
-    def server(self, kind):
-        """A fresh server of that kind on a fresh database, started and ready."""
+    def server(self, kind, extra=()):
+        """A fresh server of that kind on a fresh database, started and ready; extra arguments
+        (broker.py only) come after --broker-arg's, so they win."""
         self.servers_started += 1
         db = os.path.join(self.workdir, f"{kind}-{self.servers_started}.db")
-        return ServerProcess(kind, self.command(kind, db), self.workdir).start()
+        server = ServerProcess(kind, self.command(kind, db, extra), self.workdir)
+        server.db = db
+        return server.start()
 
     def interleaved(self, label, run_once, kinds=None, repeat=None):
         """run_once(server) on fresh servers, alternating broker and floor, --repeat times each."""
@@ -1610,6 +1699,59 @@ def scenario_insert(bench):
     return tables
 
 
+def insert_phase(bench, server, event, batch):
+    """Closed-loop inserts over BATCH_PUBLISHERS connections for --batch-seconds, one record per
+    request (batch 0) or arrays of batch: records acknowledged per s and server CPU per record."""
+    meter = Meter(server.pid)
+    published = publish(bench, server, 10 ** 9, bench.args.batch_seconds, event,
+                        connections=BATCH_PUBLISHERS, batch=batch)
+    cpu, waited = meter.read()
+    records, requests = len(published["ids"]), len(published["latencies"])
+    figures = latency_summary(published["latencies"])
+    figures.update(records=records, records_per_s=per(records, published["seconds"]),
+                   requests_per_s=per(requests, published["seconds"]),
+                   refused=sum(published["statuses"].values()), cpu_us_per_record=per(cpu, records, 1e6),
+                   client_cpu_pct=per(published["cpu"], published["seconds"], 100), waited_ms=waited * 1000)
+    return figures
+
+
+def batch_run(bench, server):
+    figures = {}
+    for label, batch in (("single", 0), ("batch", BATCH_RECORDS)):
+        phase = insert_phase(bench, server, label, batch)
+        figures.update({f"{label}_{key}": value for key, value in phase.items()})
+    figures.update(speedup=ratio(figures["batch_records_per_s"], figures["single_records_per_s"]),
+                   cpu_saving=ratio(figures["single_cpu_us_per_record"], figures["batch_cpu_us_per_record"]))
+    return figures
+
+
+def scenario_batch(bench):
+    args = bench.args
+    if "broker" not in bench.kinds:
+        return []
+    runs = bench.interleaved("batch", lambda server: batch_run(bench, server), kinds=["broker"])
+    rows = []
+    for label, name in (("single", "single"), ("batch", f"batch {BATCH_RECORDS}")):
+        per_request = " per request" if label == "batch" else ""
+        rows += [(f"{name}: records acknowledged per s", f"{label}_records_per_s", None),
+                 ("  requests per s", f"{label}_requests_per_s", None),
+                 ("  requests refused (non-200)", f"{label}_refused", ("==", 0)),
+                 (f"  latency p50 ms{per_request}", f"{label}_p50_ms", None),
+                 (f"  latency p99 ms{per_request}", f"{label}_p99_ms", None),
+                 ("  server CPU us per record", f"{label}_cpu_us_per_record", None),
+                 ("  client CPU %", f"{label}_client_cpu_pct", None),
+                 ("  server threads waiting for a CPU ms", f"{label}_waited_ms", None)]
+    rows += [("records per s, batches / single", "speedup", None),
+             ("server CPU per record, single / batches", "cpu_saving", None)]
+    return [Table(f"batch: no subscribers, {BATCH_PUBLISHERS} closed-loop keep-alive publishers, "
+                  f"{args.batch_seconds:g} s of single inserts then {args.batch_seconds:g} s of arrays of "
+                  f"{BATCH_RECORDS} (broker only)", runs, rows,
+                  notes=["the same broker, one after the other; broker.py's settings as given "
+                         "(--sync full unless --broker-arg says otherwise)",
+                         "the floor's /insert takes one record and stores nothing: what matters here is "
+                         "batches / single within broker.py"])]
+
+
 def load_history(bench, server, figures):
     """Insert the history over HTTP (the schema is broker.py's own); stop at the time budget."""
     args = bench.args
@@ -1683,6 +1825,154 @@ def scenario_history(bench):
                             "loading stops after --history-load-seconds; the rows above say what was loaded"])]
 
 
+def database_mib(db):
+    """(file MiB, -wal MiB) of an SQLite database on disk; 0 for what is not there."""
+    return tuple(os.path.getsize(db + suffix) / 2 ** 20 if os.path.exists(db + suffix) else 0.0
+                 for suffix in ("", "-wal"))
+
+
+def retention_sample(server, started, label):
+    """The database's size and, from GET /metrics, how many versions it holds now."""
+    file_mib, wal_mib = database_mib(server.db)
+    status, body = http_get(server.port, "/metrics")
+    text = body.decode() if status == 200 else ""
+    inserted, pruned = (int(metric(text, name) or 0) for name in ("broker_inserts_total",
+                                                                  "broker_records_pruned_total"))
+    return {"label": label, "s": time.monotonic() - started, "file_mib": file_mib, "wal_mib": wal_mib,
+            "total_mib": file_mib + wal_mib, "inserted": inserted, "pruned": pruned,
+            "kept": inserted - pruned}
+
+
+def wait_for_pruner(server, expected_kept, patience=5.0, limit=180.0):
+    """Poll GET /metrics until the broker holds expected_kept versions, or pruning makes no
+    progress for patience s, or limit s have passed; the seconds it took."""
+    started = last_change = time.monotonic()
+    kept = None
+    while time.monotonic() - started < limit and time.monotonic() - last_change < patience:
+        text = http_get(server.port, "/metrics")[1].decode()
+        now_kept = metric(text, "broker_inserts_total") - metric(text, "broker_records_pruned_total")
+        if now_kept <= expected_kept:
+            break
+        if now_kept != kept:
+            kept, last_change = now_kept, time.monotonic()
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def retention_connections(args):
+    # A paced load sends from the first idle connection: more would sit idle until the broker's
+    # --request-timeout closes them.
+    return 1 if args.retention_rate else RETENTION_PUBLISHERS
+
+
+def retention_run(bench, server, keep):
+    """Load --retention-inserts records on RETENTION_EVENTS events in arrays of RETENTION_BATCH,
+    sampling the database at every tenth; with keep, wait for the pruner and count /audit/e0.
+    The server is stopped here, so the last sample is the file once the WAL is checkpointed."""
+    args = bench.args
+    step = max(RETENTION_BATCH, args.retention_inserts // RETENTION_SAMPLES)
+    seconds = RETENTION_LOAD_SECONDS + (args.retention_inserts / args.retention_rate if args.retention_rate
+                                        else 0)
+    started = time.monotonic()
+    samples = [retention_sample(server, started, "0 (start)")]
+    meter = Meter(server.pid)
+    client = ClientProcess(publisher_worker, port=server.port, connections=retention_connections(args),
+                           count=args.retention_inserts, seconds=seconds, event="e", rate=args.retention_rate,
+                           distinct=RETENTION_EVENTS, quickack=True, batch=RETENTION_BATCH, progress=step)
+    try:
+        while True:
+            message = client.receive(seconds + 60)
+            if not isinstance(message, tuple):
+                break
+            samples.append(retention_sample(server, started, f"{message[1]:,}"))
+    finally:
+        client.finish()
+    cpu, _waited = meter.read()
+    acked = len(message["ids"])
+    figures = {"acked": acked, "refused": sum(message["statuses"].values()), "load_s": message["seconds"],
+               "per_s": per(acked, message["seconds"]), "cpu_us_per_insert": per(cpu, acked, 1e6),
+               "end_mib": samples[-1]["total_mib"]}
+    if keep:
+        caught_up = wait_for_pruner(server, RETENTION_EVENTS * keep)
+        samples.append(retention_sample(server, started, f"pruner done (+{caught_up:.1f} s)"))
+        status, body = http_get(server.port, "/audit/e0")
+        figures.update(caught_up_s=caught_up, pruned=samples[-1]["pruned"], kept=samples[-1]["kept"],
+                       audit_e0=len(json.loads(body)) if status == 200 else None)
+    figures["peak_mib"] = max(sample["total_mib"] for sample in samples)
+    server.stop()
+    file_mib, wal_mib = database_mib(server.db)
+    samples.append({"label": "after stop", "s": time.monotonic() - started, "file_mib": file_mib,
+                    "wal_mib": wal_mib, "total_mib": file_mib + wal_mib})
+    figures.update(stopped_mib=file_mib + wal_mib, samples=samples)
+    return figures
+
+
+def scenario_retention(bench):
+    args = bench.args
+    if "broker" not in bench.kinds:
+        return []
+    # Once each, one after the other: the load takes a while, and the floor keeps no history.
+    runs = {}
+    for label, extra in (("keep", ["--keep-versions", str(RETENTION_KEEP)]), ("all", [])):
+        log(f"  retention: broker {' '.join(extra) or 'without retention'}")
+        with bench.server("broker", ["--sync", "normal", *extra]) as server:
+            runs[label] = retention_run(bench, server, RETENTION_KEEP if extra else None)
+    keep, everything = runs["keep"], runs["all"]
+    columns = ["inserts", "s", "file MiB", "wal MiB", "file+wal MiB", "versions kept", "pruned",
+               "s", "file+wal MiB"]
+    theirs = {sample["label"]: sample for sample in everything["samples"]}     # same labels, no pruner
+    rows = [[mine["label"], mine["s"], mine["file_mib"], mine["wal_mib"], mine["total_mib"], mine.get("kept"),
+             mine.get("pruned"), *((theirs[mine["label"]]["s"], theirs[mine["label"]]["total_mib"])
+                                   if mine["label"] in theirs else (None, None))]
+            for mine in keep["samples"]]
+    expected_pruned = max(0, keep["acked"] - RETENTION_EVENTS * RETENTION_KEEP)
+    figures = {
+        "keep_acked": keep["acked"], "keep_refused": keep["refused"], "keep_per_s": keep["per_s"],
+        "keep_cpu_us": keep["cpu_us_per_insert"], "caught_up_s": keep["caught_up_s"],
+        "audit_e0": keep["audit_e0"], "pruned": keep["pruned"], "kept": keep["kept"],
+        "keep_end_mib": keep["end_mib"], "keep_peak_mib": keep["peak_mib"],
+        "keep_stopped_mib": keep["stopped_mib"],
+        "all_acked": everything["acked"], "all_refused": everything["refused"],
+        "all_per_s": everything["per_s"],
+        "all_cpu_us": everything["cpu_us_per_insert"], "all_end_mib": everything["end_mib"],
+        "all_stopped_mib": everything["stopped_mib"],
+        "end_ratio": ratio(keep["end_mib"], everything["end_mib"]),
+        "stopped_ratio": ratio(keep["stopped_mib"], everything["stopped_mib"])}
+    pace = f"at {args.retention_rate:,g}/s" if args.retention_rate else "as fast as acknowledged"
+    connections = retention_connections(args)
+    title = (f"retention: {args.retention_inserts:,} inserts on {RETENTION_EVENTS} events, {pace}, in arrays "
+             f"of {RETENTION_BATCH:,} over {connections} keep-alive connection{'s' * (connections > 1)}, "
+             f"--sync normal (broker only)")
+    series = SeriesTable(title, [(f"--keep-versions {RETENTION_KEEP}", 6), ("no retention", 2)], columns, rows,
+                         notes=["versions kept = broker_inserts_total - broker_records_pruned_total "
+                                "(GET /metrics); sizes are the files on disk when that many inserts "
+                                "were acknowledged",
+                                "after stop: the broker has closed the database, so the WAL is "
+                                "checkpointed into the file and removed"])
+    summary = Table(f"retention: --keep-versions {RETENTION_KEEP} beside no retention", {"broker": [figures]}, [
+        (f"keep {RETENTION_KEEP}: inserts acknowledged", "keep_acked", ("==", args.retention_inserts)),
+        ("  inserts refused (non-200)", "keep_refused", ("==", 0)),
+        ("  inserts per s", "keep_per_s", None),
+        ("  server CPU us per insert", "keep_cpu_us", None),
+        ("  s the pruner took after the load", "caught_up_s", None),
+        ("  versions kept (inserted - pruned)", "kept", ("==", RETENTION_EVENTS * RETENTION_KEEP)),
+        ("  broker_records_pruned_total", "pruned", ("==", expected_pruned)),
+        ("  /audit/e0 entries", "audit_e0", ("==", RETENTION_KEEP)),
+        ("  file+wal MiB at the end of the load", "keep_end_mib", None),
+        ("  largest file+wal MiB seen", "keep_peak_mib", None),
+        ("  file MiB after stop", "keep_stopped_mib", None),
+        ("no retention: inserts acknowledged", "all_acked", ("==", args.retention_inserts)),
+        ("  inserts refused (non-200)", "all_refused", ("==", 0)),
+        ("  inserts per s", "all_per_s", None),
+        ("  server CPU us per insert", "all_cpu_us", None),
+        ("  file+wal MiB at the end of the load", "all_end_mib", None),
+        ("  file MiB after stop", "all_stopped_mib", None),
+        ("end-of-load file+wal, keep / none", "end_ratio", None),
+        ("file after stop, keep / none", "stopped_ratio", None),
+    ])
+    return [series, summary]
+
+
 # --- command line -------------------------------------------------------------------------------------
 
 def comma_ints(text):
@@ -1695,8 +1985,9 @@ def parse_args(argv):
         epilog="Sizes default to the full column, or the quick one with --quick. Internal: "
                "--serve-floor --port N runs the floor server itself.")
     parser.add_argument("--quick", action="store_true", help="small sizes for `make bench` (under 2 minutes)")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help=f"comma-separated, in this order: {','.join(SCENARIOS)}")
+    parser.add_argument("--scenarios", default=None,
+                        help=f"comma-separated, in this order: {','.join(SCENARIOS)} (by default all "
+                             f"but {','.join(ON_REQUEST)})")
     parser.add_argument("--servers", default="broker,floor", help="broker,floor; floor alone tests the harness")
     parser.add_argument("--broker", default=os.path.join(HERE, "broker.py"), help="path to broker.py")
     parser.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
@@ -1714,6 +2005,8 @@ def parse_args(argv):
         if getattr(args, name) is None:
             default = quick if args.quick else full
             setattr(args, name, comma_ints(default) if isinstance(default, str) else default)
+    if args.scenarios is None:
+        args.scenarios = ",".join(name for name in SCENARIOS if name not in ON_REQUEST)
     args.scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     unknown = set(args.scenarios) - set(SCENARIOS) or set(args.servers) - set(SERVERS)
