@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PORT ?= 8080
 
-.PHONY: run test insert token demo client test-browser test-proxy bench bench-full clean
+.PHONY: run test insert token demo client test-browser test-proxy test-metrics bench bench-full clean
 
 run:
 	$(PYTHON) broker.py --port $(PORT)
@@ -35,6 +35,11 @@ test-proxy:
 	$(PYTHON) -m unittest -v deploy/test_nginx.py
 	sh demo/install-browser.sh
 	.venv/bin/python -m unittest -v deploy/test_http2.py
+
+test-metrics:
+	[ -x .venv/bin/python ] || $(PYTHON) -m venv .venv
+	.venv/bin/python -c "import prometheus_client" 2>/dev/null || .venv/bin/pip install -q prometheus_client
+	.venv/bin/python -m unittest -v deploy/test_metrics.py
 
 BENCH_ARGS ?=
 
