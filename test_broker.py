@@ -826,6 +826,15 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(metric(self.broker, "broker_newest_id"), self.broker.hub.newest)
         self.assertGreater(metric(self.broker, "process_resident_memory_bytes"), 0)
 
+    def test_a_refusal_of_an_absolute_form_insert_is_counted(self):
+        counted = 'broker_inserts_refused_total{status="415"}'
+        before = metric(self.broker, counted)
+        host, port = address(self.broker)
+        response = raw(self.broker, f"POST http://{host}:{port}/insert HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+                                    "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode())
+        self.assertEqual(status_of(response), 415)
+        self.assertEqual(metric(self.broker, counted) - before, 1)
+
     def test_the_subscribe_token_guards_it(self):
         with Broker(db=":memory:", port=0, quiet=True, subscribe_token="read") as server:
             self.assertEqual(call(server, "GET", "/metrics")[0], 401)
