@@ -826,43 +826,48 @@ class Hub:
 
 
 class BodyWriter:
-    """A response body of unknown length on a blocking socket: chunks (or raw bytes for an
-    HTTP/1.0 client) gathered into writes of about WRITE_BYTES, the head going out with the
-    first. A payload that large goes out as it is, never copied into a chunk."""
+    """A response body of unknown length on a blocking socket: small pieces gathered into one
+    chunk (or raw bytes for an HTTP/1.0 client) per write of about WRITE_BYTES, the head going
+    out with the first; a piece that large goes out as it is, never copied into a chunk."""
 
     def __init__(self, sock, chunked, head=b"", head_only=False):
         self.sock, self.chunked, self.head_only = sock, chunked, head_only
         self.started = False          # some bytes went out: no other response can be sent now
-        self._parts, self._size = [head], 0
+        self._owed = head             # bytes due before the next ones: the head, a chunk's end
+        self._parts, self._size = [], 0
 
     def write(self, payload):
-        if payload and not self.head_only:
-            self._parts += (b"%x\r\n" % len(payload), payload, b"\r\n") if self.chunked else (payload,)
+        if not payload or self.head_only:
+            return
+        if len(payload) < WRITE_BYTES:
+            self._parts.append(payload)
             self._size += len(payload)
             if self._size >= WRITE_BYTES:
                 self.flush()
+            return
+        self.flush()
+        if self.chunked:
+            self._send(b"%x\r\n" % len(payload))
+            self._send(payload)
+            self._owed = b"\r\n"
+        else:
+            self._send(payload)
 
     def flush(self):
-        parts, self._parts, self._size = self._parts, [], 0
-        small = []
-        for part in parts:
-            if len(part) >= WRITE_BYTES:
-                self._send(small)
-                small = []
-                self._send([part])
-            else:
-                small.append(part)
-        self._send(small)
-
-    def _send(self, parts):
-        if parts:
-            self.started = True
-            self.sock.sendall(parts[0] if len(parts) == 1 else b"".join(parts))
+        self._send(self._take_parts())
 
     def end(self):
-        if self.chunked and not self.head_only:
-            self._parts.append(END_OF_STREAM)
-        self.flush()
+        self._send(self._take_parts() + (END_OF_STREAM if self.chunked and not self.head_only else b""))
+
+    def _take_parts(self):
+        data, self._parts, self._size = b"".join(self._parts), [], 0
+        return body_part(data, self.chunked)
+
+    def _send(self, data):
+        data, self._owed = self._owed + data, b""
+        if data:
+            self.started = True
+            self.sock.sendall(data)
 
 
 class Subscriber:
@@ -976,9 +981,10 @@ class Fanout:
             now = time.monotonic()
             if batch is None:
                 self._broadcast_from_store(newest, now)
-            elif batch:
-                self._broadcast(batch, now)
-                self._sent = batch[-1].id
+            else:
+                if batch:
+                    self._broadcast(batch, now)
+                self._sent = newest
             for sub in joining:
                 self._add(sub, now)
             self._poll(now)
