@@ -412,12 +412,14 @@ EVERYTHING = EventFilter()
 
 class PendingInsert:
     """An insert request (one record, or a batch stored all or none) waiting for the transaction
-    that holds it; written only under Store._turn."""
-    __slots__ = ("rows", "records", "error")
+    that holds it. records and error are written by the committer before it releases wake."""
+    __slots__ = ("rows", "records", "error", "wake")
 
     def __init__(self, rows):
         self.rows = rows              # [(event, data as JSON text)]
         self.records = self.error = None
+        self.wake = threading.Lock()  # held until its batch committed, or until it is to commit next
+        self.wake.acquire()
 
 
 class Store:
@@ -425,7 +427,9 @@ class Store:
 
     self._lock guards every use of the write connection. Inserts are group-committed: the
     first caller to find no commit in flight becomes the committer and writes, in one
-    transaction, every insert queued so far; the others wait on self._turn for it. Reads go
+    transaction, every insert queued so far (self._queue and self._committing, guarded by
+    self._queue_lock); the others wait on their own wake lock, so a commit wakes only the
+    inserters it holds, and the next one queued, which commits next. Reads go
     through connections of their own (self._readers, guarded by self._readers_lock), so they
     never wait for a commit and keep working while writes fail; a :memory: database has only
     the one connection, so there reads take self._lock too.
@@ -469,7 +473,7 @@ class Store:
     def __init__(self, path, sync="full", on_commit=None):
         self._path, self._sync = path, sync
         self._lock = threading.Lock()
-        self._turn = threading.Condition()    # notified by each committer when it is done
+        self._queue_lock = threading.Lock()
         self._queue = []                      # PendingInserts not yet in a transaction
         self._committing = False
         self._on_commit = on_commit or (lambda records, seconds: None)
@@ -531,24 +535,32 @@ class Store:
         """Store [(event, data)] in one transaction, all or none, with consecutive ids; return
         the records once it has committed."""
         pending = PendingInsert(rows)
-        with self._turn:
+        with self._queue_lock:
             self._queue.append(pending)
-            while pending.records is None and pending.error is None:
-                if self._committing:
-                    self._turn.wait()
-                    continue
-                self._committing = True
-                batch = self._take_batch()
-                self._turn.release()          # others queue up while this batch is written
-                try:
-                    self._commit(batch)
-                finally:
-                    self._turn.acquire()
-                    self._committing = False
-                    self._turn.notify_all()
+            leads, self._committing = not self._committing, True
+        if not leads:
+            pending.wake.acquire()            # its batch committed, or it commits the next one
+        if pending.records is None and pending.error is None:
+            self._commit_until_done(pending)
         if pending.error:
             raise pending.error
         return pending.records
+
+    def _commit_until_done(self, pending):
+        """As the committer: write batches until pending's is done, wake the inserters of each,
+        then hand the turn to the next one queued."""
+        while pending.records is None and pending.error is None:
+            with self._queue_lock:
+                batch = self._take_batch()    # others queue up while this batch is written
+            self._commit(batch)
+            for waiting in batch:
+                if waiting is not pending:
+                    waiting.wake.release()
+        with self._queue_lock:
+            if self._queue:
+                self._queue[0].wake.release()
+            else:
+                self._committing = False
 
     def _take_batch(self):
         """The queued inserts for one transaction: about MAX_BATCH rows, and at least one insert."""
@@ -560,11 +572,14 @@ class Store:
         return batch
 
     def _commit(self, batch):
+        """Write batch in one transaction; every insert in it gets its records or its error."""
         started = time.perf_counter()
         try:
             records = self._write([row for pending in batch for row in pending.rows])
-        except (sqlite3.Error, StoreError) as error:
-            reason = str(error) if isinstance(error, StoreError) else f"the database refused the write: {error}"
+        except Exception as error:
+            if not isinstance(error, (sqlite3.Error, StoreError)):
+                traceback.print_exc()                  # a bug: still answer every waiter
+            reason = f"the database refused the write: {error}" if isinstance(error, sqlite3.Error) else str(error)
             for pending in batch:
                 pending.error = StoreError(reason)     # one each: every waiter raises its own
             return
