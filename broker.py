@@ -1210,13 +1210,13 @@ class Pruner:
         if self.keep_versions:
             self._prune_every_event()
         while not self._stopped:
-            self._wake.wait(self._age_check_interval())
-            self._wake.clear()
+            self._wake.clear()        # before the pass: what is noted during it wakes the next
             try:
                 self._prune()
             except StoreError:
                 pass                  # the database refuses writes now: the next pass tries again
             time.sleep(PRUNE_PAUSE)
+            self._wake.wait(self._age_check_interval())
 
     def _prune(self):
         with self._lock:

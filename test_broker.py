@@ -779,6 +779,13 @@ class RetentionTests(unittest.TestCase):
         with Broker(db=db, port=0, quiet=True, keep_versions=2) as server:
             self.assertEqual(self.wait_for_versions(server, "e", 2), [1198, 1199])
 
+    def test_keep_days_prunes_an_existing_history_at_start(self):
+        db = temp_db(type(self))
+        with Broker(db=db, port=0, quiet=True) as server:
+            server.publish_many([("e", 1), ("e", 2)])
+        with Broker(db=db, port=0, quiet=True, keep_days=1e-9) as server:      # no insert needed
+            self.assertEqual(self.wait_for_versions(server, "e", 1), [2])
+
     def test_keep_days_drops_old_versions_but_not_the_latest(self):
         with Broker(db=temp_db(type(self)), port=0, quiet=True, keep_days=1 / 86400) as server:  # one second
             server.publish_many([("e", 1), ("e", 2), ("lonely", 3)])
