@@ -30,7 +30,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from test_nginx import Child, free_port    # deploy/ is not a package: import it by path
+import test_nginx                          # deploy/ is not a package: import it by path
+from test_nginx import Child, free_port
 
 try:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect, sync_playwright
@@ -54,30 +55,14 @@ TABS = 8
 SHOWN = 5_000          # ms: a name typed in one tab shows in the others within this
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-# The top-level nginx.conf the block is included in. The access log names each request's
+# The top-level nginx.conf of deploy/test_nginx.py, but for an access log that names each request's
 # connection and protocol, so a test can tell what travelled over HTTP/2, and on how many
 # connections.
-NGINX_CONF = """\
-daemon off;
-{user}
-pid {dir}/nginx.pid;
-error_log stderr notice;
-events {{ worker_connections 64; }}
-http {{
-    log_format requests '$connection $server_protocol $request_method $uri $status';
-    access_log {dir}/access.log requests;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    # Compress event streams, as a server's own http {{ }} may: the block must say no.
-    gzip on;
-    gzip_min_length 1;
-    gzip_types text/event-stream application/json;
-    include {dir}/broker.conf;
-}}
-"""
+NGINX_CONF = test_nginx.NGINX_CONF.replace(
+    "    access_log {dir}/access.log;\n",
+    "    log_format requests '$connection $server_protocol $request_method $uri $status';\n"
+    "    access_log {dir}/access.log requests;\n")
+assert "log_format requests" in NGINX_CONF, "deploy/test_nginx.py's access_log line changed"
 
 proxy = None        # the Proxy every test goes through; set by setUpModule()
 browser = None      # one Chromium for every test; each test opens its own context
