@@ -19,10 +19,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 import urllib.request
@@ -31,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import test_nginx                          # deploy/ is not a package: import it by path
-from test_nginx import Child, free_port
+from test_nginx import free_port
 
 try:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect, sync_playwright
@@ -107,28 +105,18 @@ def server_block(port, plain_port, broker_port, folder):
     return text
 
 
-class Proxy:
+class Proxy(test_nginx.Proxy):
     """A broker.py serving demo/ on a free port, behind an nginx running deploy/nginx-http2.conf
     with a self-signed certificate."""
 
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="broker-http2-")
+    PREFIX = "broker-http2-"
+    NGINX_CONF = NGINX_CONF
+
+    def broker_args(self):
+        return ["--static", str(DEMO)]
+
+    def configure(self, broker_port):
         self.log = Path(self.dir, "access.log")
-        self.broker = self.nginx = None
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-
-    def _start(self):
-        self.broker = Child("broker.py", [sys.executable, str(BROKER_PY), "--port", "0",
-                                          "--db", f"{self.dir}/broker.db", "--static", str(DEMO),
-                                          "--quiet"], "stdout")
-        line = self.broker.wait_for_line("broker listening on", timeout=10)
-        self.broker_url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
-        broker_port = int(self.broker_url.rsplit(":", 1)[1])
-
         make_certificate(self.dir)
         self.port = free_port()
         self.plain_port = free_port()
@@ -136,11 +124,6 @@ class Proxy:
             self.plain_port = free_port()
         Path(self.dir, "broker.conf").write_text(
             server_block(self.port, self.plain_port, broker_port, self.dir))
-        user = "user root;" if os.geteuid() == 0 else ""     # so workers can write the temp dir
-        Path(self.dir, "nginx.conf").write_text(NGINX_CONF.format(dir=self.dir, user=user))
-        self.nginx = Child("nginx", [NGINX, "-p", self.dir, "-e", "stderr",
-                                     "-c", f"{self.dir}/nginx.conf"], "stderr")
-        self.nginx.wait_for_line("start worker process", timeout=10)
         self.url = f"https://127.0.0.1:{self.port}"
 
     def log_lines(self, offset, until, timeout=5):
@@ -157,17 +140,6 @@ class Proxy:
                 raise AssertionError(f"the access log did not show it in {timeout} s:\n"
                                      + "\n".join(" ".join(line) for line in lines))
             time.sleep(0.05)
-
-    def close(self):
-        try:
-            if self.nginx:
-                self.nginx.stop(signal.SIGTERM)
-        finally:
-            try:
-                if self.broker:
-                    self.broker.stop(signal.SIGTERM)
-            finally:
-                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def setUpModule():

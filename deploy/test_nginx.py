@@ -127,10 +127,14 @@ def server_block(nginx_port, broker_port):
 
 
 class Proxy:
-    """A broker.py on a free port behind an nginx running the documented server block."""
+    """A broker.py on a free port behind an nginx running the documented server block.
+    deploy/test_http2.py subclasses it: broker_args() and configure() are what differ."""
+
+    PREFIX = "broker-nginx-"
+    NGINX_CONF = NGINX_CONF
 
     def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="broker-nginx-")
+        self.dir = tempfile.mkdtemp(prefix=self.PREFIX)
         self.broker = self.nginx = None
         try:
             self._start()
@@ -138,18 +142,24 @@ class Proxy:
             self.close()
             raise
 
+    def broker_args(self):
+        return ["--heartbeat", "1", "--origin", ORIGIN]
+
+    def configure(self, broker_port):
+        """Choose the port(s) nginx listens on and write its server block as broker.conf."""
+        self.port = free_port()
+        Path(self.dir, "broker.conf").write_text(server_block(self.port, broker_port))
+
     def _start(self):
         self.broker = Child("broker.py", [sys.executable, str(BROKER_PY), "--port", "0",
                                           "--db", f"{self.dir}/broker.db", "--quiet",
-                                          "--heartbeat", "1", "--origin", ORIGIN], "stdout")
+                                          *self.broker_args()], "stdout")
         line = self.broker.wait_for_line("broker listening on", timeout=10)
-        broker_port = int(re.search(r"http://127\.0\.0\.1:(\d+)", line).group(1))
-
-        self.port = free_port()
-        Path(self.dir, "broker.conf").write_text(server_block(self.port, broker_port))
+        self.broker_url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+        self.configure(int(self.broker_url.rsplit(":", 1)[1]))
         # As root, workers run as root too, so they can write the temp dir.
         user = "user root;" if os.geteuid() == 0 else ""
-        Path(self.dir, "nginx.conf").write_text(NGINX_CONF.format(dir=self.dir, user=user))
+        Path(self.dir, "nginx.conf").write_text(self.NGINX_CONF.format(dir=self.dir, user=user))
         self.nginx = Child("nginx", [NGINX, "-p", self.dir, "-e", "stderr",
                                      "-c", f"{self.dir}/nginx.conf"], "stderr")
         # Logged once the listening socket is open.
