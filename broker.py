@@ -15,7 +15,7 @@ In file order: OPTIONS and small helpers (JSON, validation, JWT); Record and Eve
 the SQLite file (one write connection with group commit, read connections, pages bounded in
 bytes); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
 with blocking writes; Fanout, the one thread writing every live stream; Pruner, history retention;
-Watchdog and Workers (request deadlines, reused threads); Metrics, for GET /metrics; Server; HTTPHandler, HTTP without the broker, and Handler,
+Watchdog and ThreadPool (request deadlines, reused threads); Metrics, for GET /metrics; Server; HTTPHandler, HTTP without the broker, and Handler,
 the endpoints; Broker, what main() and embedding programs use; the client (publish_to,
 subscribe, EventStreamParser); main() and run().
 """
@@ -27,6 +27,7 @@ import bisect
 import codecs
 import collections
 import contextlib
+import fcntl
 import fnmatch
 import functools
 import hashlib
@@ -34,8 +35,10 @@ import hmac
 import http.client
 import http.server
 import json
+import marshal
 import math
 import mimetypes
+import mmap
 import os
 import queue
 import re
@@ -44,7 +47,9 @@ import selectors
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -75,6 +80,15 @@ def sync_mode(text):
     return text.lower()
 
 
+def worker_count(text):
+    if str(text).lower() == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    count = int(text)
+    if not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"must be 1 to {MAX_WORKERS}, or auto")
+    return count
+
+
 # Every setting, once: flags, environment and Broker(**kwargs) all read this table.
 #   name               env var                   default            convert                     help
 OPTIONS = [
@@ -94,6 +108,7 @@ OPTIONS = [
     ("jwt_secret",      "BROKER_JWT_SECRET",      None,              str,                        "accept HS256 JWTs signed with this; their claims say which events"),
     ("keep_versions",   "BROKER_KEEP_VERSIONS",   None,              positive_number(int),       "keep only the newest N versions of each event (default: every one)"),
     ("keep_days",       "BROKER_KEEP_DAYS",       None,              positive_number(float),     "drop versions older than D days (default: never); the latest of each event stays"),
+    ("workers",         "BROKER_WORKERS",         1,                 worker_count,               "processes serving the port, auto: one per core (command line only)"),
     ("quiet",           None,                     False,             bool,                       "no access log"),
 ]
 
@@ -118,6 +133,8 @@ QUERY_PARAMETER = re.compile(r"([?&;])([^=&;\s\"]*)=([^&;\s\"]*)")
 LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
 LOG_ESCAPES[ord("\\")] = "\\\\"
 MAX_INT64 = (1 << 63) - 1  # SQLite's largest integer
+MAX_WORKERS = 256
+LINK_TIMEOUT = 10.0        # seconds a worker or the writer may leave the other's messages unread
 INVALID_TOKEN = 'Bearer error="invalid_token"'
 NOTHING = re.compile("(?!)")       # the regex of a token that allows no event
 NOT_FINITE = "NaN and Infinity are not valid JSON (browsers cannot parse them)"
@@ -470,7 +487,7 @@ class Store:
     IDLE_READERS = 8                 # read connections kept open between reads
     APPLICATION_ID = 0x42726B72      # "Brkr" in the file header: this file is a broker.py database
 
-    def __init__(self, path, sync="full", on_commit=None):
+    def __init__(self, path, sync="full", on_commit=None, writes=True):
         self._path, self._sync = path, sync
         self._lock = threading.Lock()
         self._queue_lock = threading.Lock()
@@ -481,8 +498,10 @@ class Store:
         self._reopen = False                  # a write failed: the next one starts afresh
         self._readers_lock = threading.Lock()
         self._readers = []                    # idle read connections
-        self._db = self._connect()
-        self._last_ts = self._newest_timestamp()
+        self._db = None                       # a worker process reads only: the writer commits for it
+        if writes:
+            self._db = self._connect()
+            self._last_ts = self._newest_timestamp()
 
     def _connect(self):
         db = self._open()
@@ -518,7 +537,8 @@ class Store:
     def close(self):
         with self._lock, self._readers_lock:
             self._closed = True
-            self._db.close()
+            if self._db is not None:
+                self._db.close()
             for db in self._readers:
                 db.close()
             self._readers = []
@@ -552,7 +572,7 @@ class Store:
         while pending.records is None and pending.error is None:
             with self._queue_lock:
                 batch = self._take_batch()    # others queue up while this batch is written
-            self._commit(batch)
+            self.commit(batch)
             for waiting in batch:
                 if waiting is not pending:
                     waiting.wake.release()
@@ -571,8 +591,9 @@ class Store:
         batch, self._queue = self._queue[:taken], self._queue[taken:]
         return batch
 
-    def _commit(self, batch):
-        """Write batch in one transaction; every insert in it gets its records or its error."""
+    def commit(self, batch):
+        """Write batch (PendingInserts) in one transaction; each gets its records or its error.
+        Only one thread at a time may call it: records reach subscribers in id order."""
         started = time.perf_counter()
         try:
             records = self._write([row for pending in batch for row in pending.rows])
@@ -902,6 +923,34 @@ class Subscriber:
         self.stuck_since = None
 
 
+class StreamCounts:
+    """How many /events streams are open, and the limit on them (--max-clients). In one
+    process, a count guarded by self._lock; SharedStreamCounts adds up every worker's."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open = 0
+
+    def open(self):
+        """Count a new stream, unless limit streams are open already; return whether it was."""
+        with self._lock:
+            if self._open >= self.limit:
+                return False
+            self._open += 1
+            return True
+
+    def close(self):
+        with self._lock:
+            self._open -= 1
+
+    def total(self):
+        return self._open
+
+    def workers(self):
+        return 1
+
+
 class Fanout:
     """The one thread that writes live records to every /events socket.
 
@@ -909,14 +958,15 @@ class Fanout:
     from then on only this thread writes it, non-blocking, so a stalled reader stalls nobody.
     This thread reads the database only when it has itself fallen behind the ring: a stream
     that has is handed to a connection thread (submit) to catch up, then joins again.
-    self._joining is guarded by hub.changed; self._streams by self._count_lock; self._owned is
-    only ever changed by single set operations (atomic); the rest belongs to the writer thread.
+    self._joining is guarded by hub.changed; self._owned is only ever changed by single set
+    operations (atomic); the rest belongs to the writer thread. streams counts the open streams.
     """
 
-    def __init__(self, hub, store, heartbeat, write_timeout, submit, metrics):
+    def __init__(self, hub, store, heartbeat, write_timeout, submit, metrics, streams):
         self.hub = hub
         self.store = store
         self.metrics = metrics
+        self.streams = streams
         self.heartbeat = heartbeat
         self.write_timeout = write_timeout
         self._submit = submit         # runs a function on a connection thread
@@ -926,8 +976,6 @@ class Fanout:
         self._behind = set()          # Subscribers waiting for their socket to take more
         self._sent = hub.newest       # every record up to here went to every subscriber not behind
         self._selector = selectors.DefaultSelector()
-        self._count_lock = threading.Lock()
-        self._streams = 0             # open /events streams, syncing or live
         self._thread = threading.Thread(target=self._run, name="broker-fanout", daemon=True)
 
     def start(self):
@@ -936,23 +984,8 @@ class Fanout:
     def join(self, timeout=None):
         self._thread.join(timeout)
 
-    def count(self):
-        return self._streams
-
     def owns(self, sock):
         return sock in self._owned
-
-    def open_stream(self, limit):
-        """Count a new stream, unless limit streams are open already; return whether it was."""
-        with self._count_lock:
-            if self._streams >= limit:
-                return False
-            self._streams += 1
-            return True
-
-    def stream_closed(self):
-        with self._count_lock:
-            self._streams -= 1
 
     def catch_up_and_join(self, sock, body, wants, cursor):
         """On a connection thread: write (blocking, a page at a time) the records committed after
@@ -1157,7 +1190,7 @@ class Fanout:
     def _drop_socket(self, sock):
         self._owned.discard(sock)
         sock.close()
-        self.stream_closed()
+        self.streams.close()
 
     def _close_all(self):
         for sub in list(self._subs.values()):
@@ -1308,9 +1341,9 @@ class Headers(dict):
         return super().__getitem__(name.lower())
 
 
-class Workers:
+class ThreadPool:
     """Threads for connections, kept a while when idle: starting a thread costs more than a
-    subscriber's whole sync. self._lock guards self._idle, the count of workers waiting for a job."""
+    subscriber's whole sync. self._lock guards self._idle, the count of threads waiting for a job."""
 
     def __init__(self, idle_seconds=30.0):
         self.idle_seconds = idle_seconds
@@ -1326,7 +1359,7 @@ class Workers:
         if reuse:
             self._jobs.put((function, args))
         else:
-            threading.Thread(target=self._work, args=((function, args),), name="broker-worker", daemon=True).start()
+            threading.Thread(target=self._work, args=((function, args),), name="broker-thread", daemon=True).start()
 
     def _work(self, job):
         while True:
@@ -1427,16 +1460,20 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024        # socketserver's 5 stalls a crowd of connecting subscribers
 
-    def __init__(self, address, broker):
+    def __init__(self, address, broker, listener=None):
         self.broker = broker
         self.watchdog = Watchdog(broker.request_timeout)
-        self.workers = broker.workers
+        self.threads = broker.threads
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, Handler)
+        super().__init__(address, Handler, bind_and_activate=listener is None)
+        if listener is not None:           # a worker's share of the supervisor's socket
+            self.socket.close()
+            self.socket, self.server_address = listener, listener.getsockname()
+            listener.setblocking(False)    # another worker may take a connection first: no blocking accept
 
     def process_request(self, request, client_address):
-        self.workers.submit(self.process_request_thread, request, client_address)
+        self.threads.submit(self.process_request_thread, request, client_address)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
@@ -1697,7 +1734,11 @@ class HTTPHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         # Escaped as http.server does since 3.12: a request line must not write raw ESC or CR.
         message = (format % args).translate(LOG_ESCAPES)
-        sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
+        sys.stderr.write(f"{self.address_string()} {self.log_ident()} - [{self.log_date_time_string()}] {message}\n")
+
+    def log_ident(self):
+        """The log line's second field (the common log format's ident): who served the request."""
+        return "-"
 
 
 class Handler(HTTPHandler):
@@ -1763,7 +1804,7 @@ class Handler(HTTPHandler):
             if allowed is not None and not allowed.fullmatch(event):
                 where = f"item {index}: " if is_batch else ""
                 raise RequestError(403, f"{where}the token does not allow publishing {event!r}")
-        records = self.server.broker.store.insert_many(rows) if rows else []
+        records = self.server.broker.writer.insert_many(rows) if rows else []
         body = b"[" + b",".join(r.to_json() for r in records) + b"]" if is_batch else records[0].to_json()
         self.send_bytes(200, body, "application/json")
 
@@ -1780,7 +1821,7 @@ class Handler(HTTPHandler):
             self.body.end()
             return
         broker = self.server.broker
-        if not broker.fanout.open_stream(broker.max_clients):
+        if not broker.streams.open():
             self._refuse_stream(broker.max_clients)
             return
         broker.metrics.add("broker_streams_opened_total")
@@ -1796,7 +1837,7 @@ class Handler(HTTPHandler):
         finally:
             self.close_connection = True
             if not handed_over:
-                broker.fanout.stream_closed()
+                broker.streams.close()
 
     def _refuse_stream(self, limit):
         if "text/event-stream" not in self.headers.get("Accept", ""):
@@ -1939,7 +1980,11 @@ class Handler(HTTPHandler):
 
     def get_healthz(self):
         broker = self.server.broker
-        body = json_bytes({"status": "ok", "subscribers": broker.fanout.count(), "last_id": broker.hub.newest})
+        health = {"status": "ok", "subscribers": broker.streams.total(), "last_id": broker.hub.newest,
+                  "workers": broker.streams.workers()}
+        if broker.seat:
+            health["worker"] = broker.seat.number
+        body = json_bytes(health)
         self.send_bytes(200, body, "application/json")
 
     def get_static(self):
@@ -1952,14 +1997,20 @@ class Handler(HTTPHandler):
 
     def send_response(self, code, message=None):
         super().send_response(code, message)
-        origin = self.server.broker.origin
-        self.send_header("Access-Control-Allow-Origin", origin)
-        if origin != "*":
+        broker = self.server.broker
+        self.send_header("Access-Control-Allow-Origin", broker.origin)
+        if broker.origin != "*":
             self.send_header("Vary", "Origin")
+        if broker.seat:
+            self.send_header("Broker-Worker", str(broker.seat.number))
 
     def log_message(self, format, *args):
-        if not self.server.broker.quiet:
+        broker = self.server.broker
+        if not broker.quiet:
             super().log_message("%s", redact_tokens(format % args))
+
+    def log_ident(self):
+        return f"worker-{self.server.broker.seat.number}" if self.server.broker.seat else "-"
 
 
 def static_file(root, url_path):
@@ -2028,27 +2079,42 @@ class Broker:
             if value is not None and convert is not str and convert is not bool:
                 value = convert(value)
             setattr(self, name, value)
-        self.store = self.hub = self.fanout = self.pruner = self._server = None
+        if self.workers != 1:
+            raise ValueError("workers are a command-line feature (python broker.py --workers N);"
+                             " Broker(...) serves in one process")
+        self.store = self.writer = self.hub = self.fanout = self.pruner = self._server = None
+        self.seat = None                      # set in a worker process of python broker.py --workers N
         self.metrics = Metrics()
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
 
-    def start(self):
-        """Open the database, listen, and serve in background threads; return self."""
+    def start(self, seat=None):
+        """Open the database, listen, and serve in background threads; return self. A worker
+        process of --workers passes its WorkerSeat: the writer commits its inserts."""
+        self.seat = seat
         if self.db != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.db)), exist_ok=True)
         if self.static is not None and not os.path.isdir(self.static):
             raise ValueError(f"static folder not found: {self.static}")
-        self.store = Store(self.db, self.sync, on_commit=self._on_commit)
-        self.hub = Hub(self.store.newest_id())
-        self.workers = Workers()
-        self.fanout = Fanout(self.hub, self.store, self.heartbeat, self.write_timeout, self.workers.submit,
-                             self.metrics)
-        self.pruner = Pruner(self.store, self.keep_versions, self.keep_days, self.metrics)
-        if self.max_clients is None:
-            self.max_clients = default_max_clients()
+        if seat is None:
+            self.store = self.writer = Store(self.db, self.sync, on_commit=self._on_commit)
+            newest = self.store.newest_id()
+            self.streams = StreamCounts(self.max_clients or default_max_clients())
+        else:
+            self.store = Store(self.db, writes=False)
+            self.writer = CommitLink(seat.link, self._on_commit, lost=self._writer_lost)
+            newest, self.streams = self.writer.join(), seat.streams
+        self.max_clients = self.streams.limit
+        self.hub = Hub(newest)
+        self.threads = ThreadPool()
+        self.fanout = Fanout(self.hub, self.store, self.heartbeat, self.write_timeout, self.threads.submit,
+                             self.metrics, self.streams)
+        keep = (None, None) if seat else (self.keep_versions, self.keep_days)   # the writer prunes for workers
+        self.pruner = Pruner(self.store, *keep, self.metrics)
+        if seat:
+            self.writer.start()       # commits reach the hub from now on
         try:
-            self._server = Server((self.host, self.port), self)
+            self._server = Server((self.host, self.port), self, seat and seat.listener)
         except OSError:
             self.store.close()
             raise
@@ -2057,6 +2123,10 @@ class Broker:
         self._server.watchdog.start()
         threading.Thread(target=self._server.serve_forever, name="broker-accept", daemon=True).start()
         return self
+
+    def _writer_lost(self):
+        print(f"broker.py: worker {self.seat.number}: the writer process is gone; stopping", file=sys.stderr)
+        threading.Thread(target=self.stop).start()
 
     def _on_commit(self, records, seconds):
         self.hub.publish(records)
@@ -2068,7 +2138,7 @@ class Broker:
     def metrics_text(self):
         """GET /metrics: the Prometheus text exposition."""
         return self.metrics.render([
-            ("broker_streams_open", "open /events streams", "gauge", self.fanout.count()),
+            ("broker_streams_open", "open /events streams", "gauge", self.streams.total()),
             ("broker_newest_id", "the newest record id", "gauge", self.hub.newest),
             ("broker_database_bytes", "the database's size on disk", "gauge", self.store.size_bytes()),
             *process_gauges()])
@@ -2085,6 +2155,8 @@ class Broker:
             self.pruner.stop()
             self.hub.close()
             self.fanout.join(timeout=5)
+            if self.writer is not self.store:
+                self.writer.close()
             self.store.close()
             self._stopped.set()
 
@@ -2102,12 +2174,11 @@ class Broker:
 
     @property
     def url(self):
-        host, port = self._server.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return http_url(*self._server.server_address[:2])
 
     def publish(self, event, data):
         """Store and broadcast a record, exactly as POST /insert does; return the record."""
-        record = self.store.insert(check_event_name(event), encode_data(data))
+        record = self.writer.insert(check_event_name(event), encode_data(data))
         return record.to_dict()
 
     def publish_many(self, items):
@@ -2122,7 +2193,7 @@ class Broker:
                 rows.append((check_event_name(event), encode_data(data)))
             except RequestError as error:
                 raise RequestError(400, f"item {index}: {error.message}") from None
-        return [record.to_dict() for record in self.store.insert_many(rows)] if rows else []
+        return [record.to_dict() for record in self.writer.insert_many(rows)] if rows else []
 
     def latest(self):
         """{event: data} for the latest record of every event."""
@@ -2141,6 +2212,472 @@ class Broker:
     def subscribe(self, events=None, last_event_id=None, timeout=None, token=None, match=None):
         """The records of this broker's /events, as broker.subscribe() yields them."""
         return subscribe(self.url, events, last_event_id, timeout, token, match)
+
+
+class Link:
+    """One end of the socket pair between a worker and the writer: each message is a tuple of
+    plain values, marshal-encoded (both ends run the same interpreter), after its length.
+    self._send_lock keeps messages whole when threads send at once; one thread receives."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.closed = False
+        sock.settimeout(LINK_TIMEOUT)      # a send left unread that long: the other side is stuck
+        self._send_lock = threading.Lock()
+        self._received = bytearray()
+
+    def send(self, message):
+        data = marshal.dumps(message)
+        size = len(data).to_bytes(8, "big")
+        with self._send_lock:
+            if len(data) < WRITE_BYTES:
+                self.sock.sendall(size + data)
+            else:
+                self.sock.sendall(size)
+                self.sock.sendall(data)
+
+    def receive(self):
+        """The next message, or None once either end has closed the link."""
+        size = self._read(8)
+        data = size and self._read(int.from_bytes(size, "big"))
+        return None if data is None else marshal.loads(data)
+
+    def _read(self, size):
+        while len(self._received) < size:
+            try:
+                data = self.sock.recv(min(max(size - len(self._received), 65536), 1 << 20))
+            except socket.timeout:
+                if self.closed:
+                    return None
+                continue              # an idle link: the timeout is for sends
+            except OSError:
+                return None
+            if not data:
+                return None
+            self._received += data
+        data = bytes(self._received[:size])
+        del self._received[:size]
+        return data
+
+    def close(self):
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)     # wakes the thread receiving
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class CommitLink:
+    """In a worker: the inserts of its clients, committed by the writer process (CommitServer),
+    and every commit of every worker coming back to on_commit in commit order, so the hub learns
+    of each at once. Same insert()/insert_many() as Store. self._lock guards self._waiting
+    (request number -> PendingInsert), self._next and self._gone."""
+
+    def __init__(self, sock, on_commit, lost):
+        self._link = Link(sock)
+        self._on_commit, self._lost = on_commit, lost
+        self._lock = threading.Lock()
+        self._waiting = {}
+        self._next = 0
+        self._gone = self._closing = False
+        self._thread = threading.Thread(target=self._run, name="broker-commits", daemon=True)
+
+    def join(self):
+        """Announce this worker to the writer; return the newest id committed before it did:
+        every later commit comes through this link."""
+        self._link.send(("hello",))
+        message = self._link.receive()
+        if message is None or message[0] != "welcome":
+            raise StoreError("the writer process did not answer")
+        return message[1]
+
+    def start(self):
+        self._thread.start()
+
+    def close(self):
+        self._closing = True
+        self._link.close()
+
+    def insert(self, event, data):
+        """Store one record and return it once the transaction holding it has committed."""
+        return self.insert_many([(event, data)])[0]
+
+    def insert_many(self, rows):
+        """Store [(event, data)] in one transaction, all or none; return the records once committed."""
+        pending = PendingInsert(rows)
+        with self._lock:
+            if self._gone:
+                raise StoreError("the writer process is gone; this worker is stopping")
+            number, self._next = self._next, self._next + 1
+            self._waiting[number] = pending
+        try:
+            self._link.send(("insert", number, rows))
+        except OSError:
+            self._link.close()        # the receiving thread fails every waiting insert, this one too
+        pending.wake.acquire()
+        if pending.error:
+            raise pending.error
+        return pending.records
+
+    def _run(self):
+        while True:
+            message = self._link.receive()
+            if message is None:
+                break
+            _, rows, seconds, answers = message
+            records = [Record(*row) for row in marshal.loads(rows)]
+            if records:
+                self._on_commit(records, seconds)     # the hub first: an answered insert is visible
+            for number, start, end, error in answers:
+                with self._lock:
+                    pending = self._waiting.pop(number)
+                pending.records, pending.error = records[start:end], error and StoreError(error)
+                pending.wake.release()
+        with self._lock:
+            self._gone = True
+            waiting, self._waiting = self._waiting, {}
+        for pending in waiting.values():
+            pending.error = StoreError("the writer process is gone: the insert may or may not be stored")
+            pending.wake.release()
+        if not self._closing:
+            self._lost()
+
+
+class RemoteInsert(PendingInsert):
+    """An insert a worker asked the writer for: its link and its number there."""
+    __slots__ = ("link", "number")
+
+    def __init__(self, rows, link, number):
+        super().__init__(rows)
+        self.link, self.number = link, number
+
+
+class CommitServer:
+    """In the supervisor: the writer of every worker, on the one write connection. A thread per
+    worker's Link queues what the worker asks; the committer thread writes every insert queued,
+    from any worker, in one transaction (so workers share each group commit), then answers each
+    worker its inserts and sends every worker the records, in commit order. self._changed
+    guards self._queue and self._closed; self._links and self._newest belong to the committer."""
+
+    def __init__(self, store, on_join):
+        self.store = store
+        self._on_join = on_join          # called with a worker's number once it gets every commit
+        self._changed = threading.Condition()
+        self._queue = collections.deque()    # RemoteInserts, and ("hello" or "gone", link, number)
+        self._closed = False
+        self._links = []
+        self._newest = store.newest_id()
+        self._thread = threading.Thread(target=self._run, name="broker-writer", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def serve(self, sock, number):
+        """Read the requests of worker number from its end of a socket pair, sock."""
+        link = Link(sock)
+        threading.Thread(target=self._read, args=(link, number), name="broker-link", daemon=True).start()
+
+    def close(self):
+        """Commit what is queued, then stop; call it once the workers have stopped."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _read(self, link, number):
+        while True:
+            message = link.receive()
+            if message is None:
+                break
+            self._put(RemoteInsert(message[2], link, message[1]) if message[0] == "insert" else ("hello", link, number))
+        self._put(("gone", link, number))
+
+    def _put(self, item):
+        with self._changed:
+            self._queue.append(item)
+            self._changed.notify()
+
+    def _run(self):
+        while True:
+            work = self._next_work()
+            if work is None:
+                break
+            if isinstance(work, list):
+                self._commit(work)
+            elif work[0] == "hello":
+                self._welcome(work[1], work[2])
+            else:
+                self._forget(work[1])
+        for link in self._links:
+            link.close()
+
+    def _next_work(self):
+        """The next hello or goodbye, or the inserts queued before it (about Store.MAX_BATCH rows)."""
+        with self._changed:
+            while not self._queue and not self._closed:
+                self._changed.wait()
+            if not self._queue:
+                return None
+            if not isinstance(self._queue[0], RemoteInsert):
+                return self._queue.popleft()
+            batch, rows = [], 0
+            while (self._queue and isinstance(self._queue[0], RemoteInsert)
+                   and (not batch or rows + len(self._queue[0].rows) <= Store.MAX_BATCH)):
+                batch.append(self._queue.popleft())
+                rows += len(batch[-1].rows)
+            return batch
+
+    def _commit(self, batch):
+        started = time.perf_counter()
+        self.store.commit(batch)
+        seconds = time.perf_counter() - started
+        records, answers = [], collections.defaultdict(list)
+        for pending in batch:
+            if pending.error is None:
+                answers[pending.link].append((pending.number, len(records), len(records) + len(pending.records), None))
+                records += pending.records
+            else:
+                answers[pending.link].append((pending.number, 0, 0, str(pending.error)))
+        if records:
+            self._newest = records[-1].id
+        rows = marshal.dumps([tuple(record) for record in records])     # encoded once for every worker
+        for link in list(self._links):
+            if records or link in answers:
+                self._send(link, ("commit", rows, seconds, answers.get(link, [])))
+
+    def _welcome(self, link, number):
+        if link.closed or not self._send(link, ("welcome", self._newest)):
+            return
+        self._links.append(link)
+        self._on_join(number)
+
+    def _send(self, link, message):
+        try:
+            link.send(message)
+            return True
+        except OSError:               # gone, or stuck for LINK_TIMEOUT: it stops and is replaced
+            self._forget(link)
+            return False
+
+    def _forget(self, link):
+        if link in self._links:
+            self._links.remove(link)
+        link.close()
+
+
+class SharedStreamCounts(StreamCounts):
+    """StreamCounts for the whole broker across its worker processes: a small file that every
+    process maps, holding each worker's open streams and whether it runs. A worker opens a
+    stream while the total is under limit and its own count under own_limit (its open files).
+    fcntl.lockf makes check-and-count atomic across processes, and self._lock across this
+    process's threads (a process holds a lockf lock, not a thread)."""
+
+    def __init__(self, limit, own_limit, workers, fd=None, number=0):
+        self.limit, self.own_limit, self.number = limit, own_limit, number
+        if fd is None:                # the supervisor makes it; workers inherit the descriptor
+            self._file = tempfile.TemporaryFile()
+            fd = self._file.fileno()
+            os.ftruncate(fd, 16 * workers)
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._slots = memoryview(mmap.mmap(fd, 16 * workers)).cast("q")   # [open, running] per worker
+        self._mine = 2 * (number - 1)
+
+    def open(self):
+        with self._locked():
+            if self._slots[self._mine] >= self.own_limit or self._total() >= self.limit:
+                return False
+            self._slots[self._mine] += 1
+            return True
+
+    def close(self):
+        with self._locked():
+            self._slots[self._mine] -= 1
+
+    def total(self):
+        with self._locked():
+            return self._total()
+
+    def workers(self):
+        return sum(self._slots[1::2])
+
+    def mark(self, number, running):
+        """In the supervisor: worker number runs now, or it stopped, and its streams with it."""
+        slot = 2 * (number - 1)
+        with self._locked():
+            if not running:
+                self._slots[slot] = 0
+            self._slots[slot + 1] = int(running)
+
+    def _total(self):
+        return sum(self._slots[0::2])
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._lock:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+
+class WorkerSeat(typing.NamedTuple):
+    """What a worker process gets from its supervisor."""
+    number: int                   # 1 to workers
+    workers: int
+    listener: socket.socket       # the supervisor's listening socket, shared by every worker
+    link: socket.socket           # its end of the socket pair to the writer
+    streams: SharedStreamCounts
+
+
+class Supervisor:
+    """python broker.py --workers N: the parent process. It holds the listening socket and the
+    writer (a CommitServer on the one write connection, and the Pruner), starts N workers (this
+    file again, each an ordinary Broker handed a WorkerSeat), replaces a worker that exits
+    (waiting longer after each quick failure, up to MAX_RESTART_DELAY), and on SIGINT or
+    SIGTERM stops them all. Its main thread takes self._events one at a time; worker exits,
+    restarts and signals only queue them."""
+
+    WORKER_ENV = "BROKER_WORKER_SEAT"     # a worker's seat, as JSON: how main() knows it is one
+    MIN_RESTART_DELAY, MAX_RESTART_DELAY = 0.1, 10.0
+    STOP_SECONDS = 10.0                   # a worker still running this long after SIGTERM is killed
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.count = settings["workers"]
+        self._events = queue.SimpleQueue()
+        self._processes = {}              # worker number -> its running subprocess.Popen
+        self._started = {}                # worker number -> time.monotonic() of its start
+        self._delays = {}                 # worker number -> the wait before its next restart
+
+    def run(self):
+        """Start, serve until SIGINT or SIGTERM, stop; return the exit code."""
+        try:
+            self._start()
+        except (OSError, sqlite3.Error, StoreError) as error:
+            print(f"broker.py: error: {error}", file=sys.stderr)
+            return 1
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self._events.put(("stop",)))
+        for number in range(1, self.count + 1):
+            self._spawn(number)
+        code = self._supervise()
+        self._stop()
+        return code
+
+    def _start(self):
+        host, port = self.settings["host"], self.settings["port"]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, port), family=family, backlog=Server.request_queue_size)
+        try:
+            self.store = Store(self.settings["db"], self.settings["sync"],
+                               on_commit=lambda records, seconds: self.pruner.note(records))
+        except BaseException:
+            self.listener.close()
+            raise
+        self.pruner = Pruner(self.store, self.settings["keep_versions"], self.settings["keep_days"], Metrics())
+        self.commits = CommitServer(self.store, on_join=lambda number: self._events.put(("ready", number)))
+        own_limit = default_max_clients()
+        self.streams = SharedStreamCounts(self.settings["max_clients"] or own_limit * self.count, own_limit, self.count)
+        self.commits.start()
+        self.pruner.start()
+
+    def _supervise(self):
+        ready, announced = set(), False
+        while True:
+            kind, *args = self._events.get()
+            if kind == "stop":
+                return 0
+            if kind == "ready":
+                self.streams.mark(args[0], running=True)
+                ready.add(args[0])
+                if len(ready) == self.count and not announced:
+                    announced = True
+                    host, port = self.listener.getsockname()[:2]
+                    print(f"broker listening on {http_url(host, port)} (db {self.settings['db']},"
+                          f" {self.count} workers)", flush=True)
+            elif kind == "exited" and self._processes.get(args[0]) is args[1]:
+                self.streams.mark(args[0], running=False)
+                if not announced:
+                    print(f"broker.py: error: worker {args[0]} {exit_reason(args[1].returncode)} while starting",
+                          file=sys.stderr)
+                    return 1
+                self._schedule_restart(args[0], args[1].returncode)
+            elif kind == "restart":
+                self._spawn(args[0])
+
+    def _spawn(self, number):
+        ours, theirs = socket.socketpair()
+        self.commits.serve(ours, number)
+        seat = {"number": number, "workers": self.count, "listener": self.listener.fileno(),
+                "link": theirs.fileno(), "streams": self.streams.fd, "limit": self.streams.limit,
+                "own_limit": self.streams.own_limit, "settings": self.settings}
+        process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__)], stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, self.WORKER_ENV: json.dumps(seat)}, pass_fds=(seat["listener"], seat["link"], seat["streams"]))
+        theirs.close()
+        self._processes[number], self._started[number] = process, time.monotonic()
+        threading.Thread(target=self._watch, args=(number, process), name="broker-watch", daemon=True).start()
+
+    def _watch(self, number, process):
+        process.wait()
+        self._events.put(("exited", number, process))
+
+    def _schedule_restart(self, number, returncode):
+        # A worker that ran a while is replaced at once; one that keeps failing, ever more slowly.
+        quick = time.monotonic() - self._started[number] < self.MAX_RESTART_DELAY
+        delay = min(self._delays.get(number, self.MIN_RESTART_DELAY / 2) * 2, self.MAX_RESTART_DELAY) \
+            if quick else self.MIN_RESTART_DELAY
+        self._delays[number] = delay
+        print(f"broker.py: worker {number} {exit_reason(returncode)}; starting another in {delay:g} s",
+              file=sys.stderr, flush=True)
+        timer = threading.Timer(delay, self._events.put, (("restart", number),))
+        timer.daemon = True
+        timer.start()
+
+    def _stop(self):
+        processes = list(self._processes.values())
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.STOP_SECONDS
+        for process in processes:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.pruner.stop()
+        self.commits.close()
+        self.store.close()
+        self.listener.close()
+
+
+def exit_reason(returncode):
+    if returncode is not None and returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
+def http_url(host, port):
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def serve_as_worker(seat_json):
+    """A worker process of --workers: an ordinary Broker on the supervisor's socket."""
+    seat = json.loads(seat_json)
+    streams = SharedStreamCounts(seat["limit"], seat["own_limit"], seat["workers"], seat["streams"], seat["number"])
+    broker = Broker(**{**seat["settings"], "workers": 1})
+    try:
+        broker.start(WorkerSeat(seat["number"], seat["workers"], socket.socket(fileno=seat["listener"]),
+                                socket.socket(fileno=seat["link"]), streams))
+    except (OSError, ValueError, sqlite3.Error, StoreError) as error:
+        print(f"broker.py: worker {seat['number']}: error: {error}", file=sys.stderr)
+        return 1
+    serve_until_signalled(broker, announce=False)
+    return 0
 
 
 def publish_to(url, event, data, timeout=10, token=None):
@@ -2326,6 +2863,8 @@ def path_problem(settings):
     static = settings["static"]
     if static is not None and not os.path.isdir(static):
         return f"argument --static: {static!r} is not a folder"
+    if settings["db"] == ":memory:" and settings["workers"] > 1:
+        return "argument --workers: needs a database file (--db): each process has its own :memory:"
     if settings["db"] != ":memory:":
         folder = os.path.dirname(os.path.abspath(settings["db"]))
         try:
@@ -2384,10 +2923,15 @@ def token_command(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    seat = os.environ.pop(Supervisor.WORKER_ENV, None)
+    if seat is not None:
+        return serve_as_worker(seat)
     if argv[:1] == ["token"]:
         return token_command(argv[1:])
     settings = parse_settings(argv, os.environ)
     raise_open_file_limit()
+    if settings["workers"] > 1:
+        return Supervisor(settings).run()
     broker = Broker(**settings)
     try:
         broker.start()
@@ -2404,10 +2948,11 @@ def run(origin="*", **options):
     serve_until_signalled(Broker(origin=origin, **options).start())
 
 
-def serve_until_signalled(broker):
+def serve_until_signalled(broker, announce=True):
     for signum in (signal.SIGINT, signal.SIGTERM):     # before the line: a reader may signal at once
         signal.signal(signum, lambda *_: threading.Thread(target=broker.stop).start())
-    print(f"broker listening on {broker.url} (db {broker.db})", flush=True)
+    if announce:
+        print(f"broker listening on {broker.url} (db {broker.db})", flush=True)
     broker.serve_forever()
 
 

@@ -3,6 +3,7 @@
     python3 -m unittest -v test_broker
 """
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -1599,7 +1600,7 @@ class RoutingTests(unittest.TestCase):
         record = self.broker.publish(unique_event(self), 1)
         status, body, _ = call(self.broker, "GET", "/healthz")
         self.assertEqual(status, 200)
-        self.assertEqual(body, {"status": "ok", "subscribers": 0, "last_id": record["id"]})
+        self.assertEqual(body, {"status": "ok", "subscribers": 0, "last_id": record["id"], "workers": 1})
         with EventStream(self.broker) as stream:
             stream.read_sync()
             self.assertEqual(call(self.broker, "GET", "/healthz")[1]["subscribers"], 1)
@@ -1868,26 +1869,286 @@ class ClientTests(unittest.TestCase):
         self.assertEqual([(r["id"], r["data"]) for r in received], [(s["id"], s["data"]) for s in sent[1:]])
 
 
-class WorkersTests(unittest.TestCase):
+class ThreadPoolTests(unittest.TestCase):
     def test_idle_threads_are_reused_then_retire(self):
-        workers = broker.Workers(idle_seconds=0.3)
+        threads = broker.ThreadPool(idle_seconds=0.3)
         used = []
         for _ in range(20):
             finished = threading.Event()
-            workers.submit(lambda: (used.append(threading.current_thread()), finished.set()))
+            threads.submit(lambda: (used.append(threading.current_thread()), finished.set()))
             self.assertTrue(finished.wait(TIMEOUT))
-            time.sleep(0.01)              # let the worker report itself idle before the next job
+            time.sleep(0.01)              # let the thread report itself idle before the next job
         self.assertLessEqual(len(set(used)), 3)
         wait_until(lambda: not any(thread.is_alive() for thread in used))
 
     def test_a_job_promised_as_the_idle_wait_ends_still_runs(self):
-        workers = broker.Workers(idle_seconds=0.01)
+        threads = broker.ThreadPool(idle_seconds=0.01)
         ran = []
-        for n in range(100):              # submit around the moment idle workers give up
-            workers.submit(ran.append, n)
+        for n in range(100):              # submit around the moment idle threads give up
+            threads.submit(ran.append, n)
             time.sleep(0.001 * (n % 20))
         wait_until(lambda: len(ran) == 100)
         self.assertEqual(sorted(ran), list(range(100)))
+
+
+class WorkerBroker:
+    """python broker.py --workers N in a subprocess, on a real SQLite file; its access log kept."""
+
+    def __init__(self, test, workers, *args):
+        folder = tempfile.TemporaryDirectory()
+        test.addCleanup(folder.cleanup)
+        self.log_path = os.path.join(folder.name, "access.log")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", "--workers", str(workers),
+                 "--db", os.path.join(folder.name, "broker.db"), *args], stdout=subprocess.PIPE, stderr=log)
+        test.addCleanup(self.stop)
+        self.line = self.process.stdout.readline().decode()
+        self.url = self.line.split()[3]
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait()
+        self.process.stdout.close()
+
+    def worker_pids(self):
+        """{worker number: pid} of the running workers, read from /proc."""
+        with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as file:
+            pids = [int(pid) for pid in file.read().split()]
+        numbers = {}
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/environ", "rb") as file:
+                    seat = next(v for v in file.read().split(b"\0") if v.startswith(b"BROKER_WORKER_SEAT="))
+                numbers[json.loads(seat.split(b"=", 1)[1])["number"]] = pid
+        return numbers
+
+    def cpu_seconds(self):
+        """User and system CPU of the supervisor and its workers so far."""
+        total = 0.0
+        for pid in [self.process.pid, *self.worker_pids().values()]:
+            with open(f"/proc/{pid}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+
+def streams_on_every_worker(server, workers, path="/events", headers=None):
+    """Open /events streams until each of the workers serves one; return them all."""
+    streams, seen = [], set()
+    for _ in range(200):
+        stream = EventStream(server, path, headers)
+        streams.append(stream)
+        seen.add(stream.headers["Broker-Worker"])
+        if len(seen) == workers:
+            return streams
+    raise AssertionError(f"200 streams landed on workers {sorted(seen)} only")
+
+
+def publishers_on_every_worker(server, workers):
+    """Keep-alive connections, one on each worker (known by the Broker-Worker header)."""
+    found = {}
+    for _ in range(200):
+        connection = http.client.HTTPConnection(*address(server), timeout=TIMEOUT)
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        number = json.loads(response.read())["worker"]
+        if number in found:
+            connection.close()
+        else:
+            found[number] = connection
+        if len(found) == workers:
+            return found
+    raise AssertionError(f"200 connections landed on workers {sorted(found)} only")
+
+
+class WorkersTests(unittest.TestCase):
+    """python broker.py --workers 3: one broker of several processes, the contract unchanged."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = WorkerBroker(cls, 3)
+
+    @classmethod
+    def addCleanup(cls, function, *args):      # WorkerBroker's cleanups, at class level
+        cls.addClassCleanup(function, *args)
+
+    def test_prints_one_line_once_every_worker_is_ready(self):
+        self.assertRegex(self.broker.line, r"^broker listening on http://127\.0\.0\.1:\d+ \(db .*broker\.db, 3 workers\)\n$")
+        self.assertEqual(sorted(self.broker.worker_pids()), [1, 2, 3])
+
+    def test_connections_land_on_several_workers_and_say_which(self):
+        streams = streams_on_every_worker(self.broker, 3)
+        try:
+            status, health, headers = call(self.broker, "GET", "/healthz")
+            self.assertEqual((health["workers"], str(health["worker"])), (3, headers["Broker-Worker"]))
+            self.assertGreaterEqual(health["subscribers"], len(streams))    # every worker's streams
+        finally:
+            for stream in streams:
+                stream.close()
+        with open(self.broker.log_path) as log:
+            served_by = set(re.findall(r"^127\.0\.0\.1 worker-(\d) - \[.*\] \"GET /events", log.read(), re.M))
+        self.assertEqual(served_by, {"1", "2", "3"})
+
+    def test_publishers_and_subscribers_on_every_worker_get_every_record_once_in_order(self):
+        name = unique_event(self)
+        streams = streams_on_every_worker(self.broker, 3, f"/events?match={name}*")
+        publishers = publishers_on_every_worker(self.broker, 3)
+        acknowledged = []
+
+        def publish(number, connection):
+            for n in range(20):
+                connection.request("POST", "/insert", json.dumps({"event": f"{name}-{number}", "data": n}),
+                                   {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                acknowledged.append(json.loads(response.read())["id"])
+
+        threads = [threading.Thread(target=publish, args=item) for item in publishers.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(len(set(acknowledged)), 60)
+        for stream in streams:
+            with stream:
+                self.assertEqual(stream.read_sync()[0], [])
+                received = [stream.read_message() for _ in range(60)]
+                self.assertEqual([r["id"] for r in received], sorted(acknowledged))
+                for number in publishers:
+                    self.assertEqual([r["data"] for r in received if r["event"] == f"{name}-{number}"], list(range(20)))
+        for connection in publishers.values():
+            connection.close()
+
+    def test_resume_on_another_worker_sends_only_newer_records(self):
+        name = unique_event(self)
+        first = insert(self.broker, {"event": name, "data": 1})[1]
+        with EventStream(self.broker, f"/events?event={name}") as stream:
+            self.assertEqual(stream.read_sync()[0][0]["id"], first["id"])
+            served_by = stream.headers["Broker-Worker"]
+        later = [insert(self.broker, {"event": name, "data": n})[1]["id"] for n in range(2, 6)]
+        for _ in range(200):
+            stream = EventStream(self.broker, f"/events?event={name}", {"Last-Event-ID": str(first["id"])})
+            with stream:
+                if stream.headers["Broker-Worker"] != served_by:
+                    records, _ = stream.read_sync()
+                    self.assertEqual([r["id"] for r in records], later)
+                    return
+        self.fail("no stream landed on another worker")
+
+    def test_audit_and_sync_read_what_any_worker_committed(self):
+        name = unique_event(self)
+        publishers = publishers_on_every_worker(self.broker, 3)
+        for number, connection in publishers.items():
+            connection.request("POST", "/insert", json.dumps({"event": name, "data": number}),
+                               {"Content-Type": "application/json"})
+            connection.getresponse().read()
+            connection.close()
+        for stream in streams_on_every_worker(self.broker, 3, f"/events?event={name}"):
+            with stream:
+                self.assertEqual([r["data"] for r in stream.read_sync()[0]], [3])
+        self.assertEqual(sorted(call(self.broker, "GET", f"/audit/{name}")[1].values()), [1, 2, 3])
+
+    def test_a_bad_insert_is_refused_by_any_worker_and_nothing_is_stored(self):
+        name = unique_event(self)
+        for _ in range(6):
+            status, body, _ = insert(self.broker, [{"event": name, "data": 1}, {"event": "", "data": 2}])
+            self.assertEqual((status, body["error"][:7]), (400, "item 1:"))
+        self.assertEqual(call(self.broker, "GET", f"/audit/{name}")[1], {})
+
+
+class WorkerLifeTests(unittest.TestCase):
+    """Workers that die, a supervisor that stops, options refused before any worker starts."""
+
+    def test_a_killed_worker_is_replaced_and_its_streams_resume_on_the_others(self):
+        server = WorkerBroker(self, 3)
+        name = unique_event(self)
+        streams = streams_on_every_worker(server, 3, f"/events?event={name}")
+        for stream in streams:
+            stream.read_sync()
+        victim = streams[-1].headers["Broker-Worker"]
+        old_pid = server.worker_pids()[int(victim)]
+        sent = [insert(server, {"event": name, "data": n})[1]["id"] for n in range(5)]
+        os.kill(old_pid, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(f"/proc/{old_pid}"))     # reaped: its sockets are closed
+        sent += [insert(server, {"event": name, "data": n})[1]["id"] for n in range(5, 30)]    # meanwhile
+        for stream in streams:
+            with stream:
+                received = []
+                try:
+                    while len(received) < 30:
+                        received.append(stream.read_message()["id"])
+                except (EOFError, ConnectionResetError):
+                    self.assertEqual(stream.headers["Broker-Worker"], victim)
+                    self.assertEqual(received, sent[:len(received)])
+                    with EventStream(server, f"/events?event={name}",
+                                     {"Last-Event-ID": str(received[-1] if received else sent[0] - 1)}) as again:
+                        received += [r["id"] for r in again.read_sync()[0]]
+                self.assertEqual(received, sent)
+        wait_until(lambda: call(server, "GET", "/healthz")[1]["workers"] == 3, timeout=10)
+        self.assertNotEqual(server.worker_pids().get(int(victim)), old_pid)
+        with open(server.log_path) as log:
+            self.assertRegex(log.read(), rf"worker {victim} was killed by SIGKILL; starting another in [\d.]+ s")
+
+    def test_sigterm_stops_every_worker_and_exits_0(self):
+        server = WorkerBroker(self, 3)
+        pids = list(server.worker_pids().values())
+        stream = EventStream(server)
+        self.addCleanup(stream.close)
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(timeout=15), 0)
+        for pid in pids:
+            self.assertFalse(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z")
+
+    def test_workers_stop_when_the_supervisor_is_killed(self):
+        server = WorkerBroker(self, 2)
+        pids = list(server.worker_pids().values())
+        server.process.kill()
+        server.process.wait()
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), timeout=10)
+
+    def test_idle_workers_use_almost_no_cpu(self):
+        server = WorkerBroker(self, 4)
+        time.sleep(1.0)                  # past start-up
+        before, started = server.cpu_seconds(), time.monotonic()
+        time.sleep(4.0)
+        share = (server.cpu_seconds() - before) / (time.monotonic() - started)
+        self.assertLess(share, 0.01)     # of one core, for the supervisor and four workers together
+
+    def test_max_clients_counts_the_streams_of_every_worker(self):
+        server = WorkerBroker(self, 2, "--max-clients", "4")
+        streams = [EventStream(server) for _ in range(4)]
+        self.addCleanup(lambda: [stream.close() for stream in streams])
+        self.assertEqual([stream.status for stream in streams], [200] * 4)
+        refused_by = set()
+        for _ in range(200):
+            with EventStream(server) as refused:
+                self.assertEqual(refused.status, 503)
+                refused_by.add(refused.headers["Broker-Worker"])
+            if len(refused_by) == 2:
+                break
+        self.assertEqual(refused_by, {"1", "2"})
+        self.assertEqual(call(server, "GET", "/healthz")[1]["subscribers"], 4)
+        streams.pop().close()
+        wait_until(lambda: call(server, "GET", "/healthz")[1]["subscribers"] == 3)
+        streams.append(EventStream(server))
+        self.assertEqual(streams[-1].status, 200)
+
+    def test_a_bad_option_is_one_line_before_any_worker_starts(self):
+        for args, message in [(["--workers", "0"], "argument --workers: '0': must be 1 to 256, or auto"),
+                              (["--workers", "two"], "argument --workers: 'two':"),
+                              (["--workers", "2", "--db", ":memory:"], "argument --workers: needs a database file")]:
+            result = subprocess.run([sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", *args],
+                                    capture_output=True, timeout=30)
+            self.assertEqual(result.returncode, 2)
+            self.assertEqual(len(result.stderr.splitlines()), 1)
+            self.assertIn(message, result.stderr.decode())
+
+    def test_embedding_keeps_one_process(self):
+        with self.assertRaisesRegex(ValueError, "command-line feature"):
+            Broker(workers=2)
+        with Broker(db=":memory:", port=0, quiet=True, workers=1) as server:
+            self.assertEqual(call(server, "GET", "/healthz")[1]["workers"], 1)
 
 
 class CommandLineTests(unittest.TestCase):
