@@ -827,6 +827,13 @@ class Hub:
             self.closed = True
             self.changed.notify_all()
 
+    def wait_until(self, newest_id, timeout=LINK_TIMEOUT):
+        """Wait until newest reaches newest_id (committed by another worker, and on its way to
+        this one); return newest."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.newest >= newest_id or self.closed, timeout)
+            return self.newest
+
     def cached_sync(self, newest):
         """(the full sync's messages as of newest, how many), if a stream built them already."""
         with self.changed:
@@ -1878,6 +1885,8 @@ class Handler(HTTPHandler):
         Nothing is sent before the first page is read, so a database error is still a 503."""
         with broker.hub.changed:
             newest = broker.hub.newest
+        if broker.seat:      # what another worker acknowledged may not have reached this one yet
+            newest = broker.hub.wait_until(broker.store.newest_id())
         resume = self._resume_id(newest)
         if resume is None and wants == EVERYTHING:
             self._send_full_sync(broker, newest)
@@ -2237,27 +2246,50 @@ class Link:
                 self.sock.sendall(data)
 
     def receive(self):
-        """The next message, or None once either end has closed the link."""
-        size = self._read(8)
-        data = size and self._read(int.from_bytes(size, "big"))
-        return None if data is None else marshal.loads(data)
+        """The next message, waiting for it; None once either end has closed the link."""
+        while True:
+            message = self._take()
+            if message is not None:
+                return message
+            if not self._fill():
+                return None
 
-    def _read(self, size):
-        while len(self._received) < size:
+    def received(self):
+        """The messages that have arrived, for a reader told the socket is readable; None once
+        either end has closed the link."""
+        if not self._fill():
+            return None
+        messages = []
+        message = self._take()
+        while message is not None:
+            messages.append(message)
+            message = self._take()
+        return messages
+
+    def _fill(self):
+        while True:
             try:
-                data = self.sock.recv(min(max(size - len(self._received), 65536), 1 << 20))
+                data = self.sock.recv(65536)
             except socket.timeout:
                 if self.closed:
-                    return None
+                    return False
                 continue              # an idle link: the timeout is for sends
             except OSError:
-                return None
+                return False
             if not data:
-                return None
+                return False
             self._received += data
-        data = bytes(self._received[:size])
-        del self._received[:size]
-        return data
+            return True
+
+    def _take(self):
+        if len(self._received) < 8:
+            return None
+        end = 8 + int.from_bytes(self._received[:8], "big")
+        if len(self._received) < end:
+            return None
+        message = marshal.loads(self._received[8:end])
+        del self._received[:end]
+        return message
 
     def close(self):
         self.closed = True
@@ -2354,79 +2386,86 @@ class RemoteInsert(PendingInsert):
 
 
 class CommitServer:
-    """In the supervisor: the writer of every worker, on the one write connection. A thread per
-    worker's Link queues what the worker asks; the committer thread writes every insert queued,
-    from any worker, in one transaction (so workers share each group commit), then answers each
-    worker its inserts and sends every worker the records, in commit order. self._changed
-    guards self._queue and self._closed; self._links and self._newest belong to the committer."""
+    """In the supervisor: the writer of every worker, on the one write connection. One thread
+    waits for any worker's link to be readable, reads what every ready worker sent, writes all
+    those inserts in one transaction (workers share each group commit: the next requests
+    gather while one commits), then answers each worker its inserts and sends every worker the
+    records, in commit order. self._lock guards self._joining and self._closed; the rest belongs
+    to the thread."""
 
     def __init__(self, store, on_join):
         self.store = store
         self._on_join = on_join          # called with a worker's number once it gets every commit
-        self._changed = threading.Condition()
-        self._queue = collections.deque()    # RemoteInserts, and ("hello" or "gone", link, number)
+        self._lock = threading.Lock()
+        self._joining = []               # (Link, worker number) not yet watched
         self._closed = False
-        self._links = []
+        self._links = []                 # links that said hello: each gets every commit
         self._newest = store.newest_id()
+        self._selector = selectors.DefaultSelector()
+        self._wake, self._woken = socket.socketpair()     # other threads interrupt select() through it
+        self._selector.register(self._woken, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._run, name="broker-writer", daemon=True)
 
     def start(self):
         self._thread.start()
 
     def serve(self, sock, number):
-        """Read the requests of worker number from its end of a socket pair, sock."""
-        link = Link(sock)
-        threading.Thread(target=self._read, args=(link, number), name="broker-link", daemon=True).start()
+        """Take the requests of worker number from its end of a socket pair, sock."""
+        with self._lock:
+            self._joining.append((Link(sock), number))
+        self._wake.send(b"\0")
 
     def close(self):
-        """Commit what is queued, then stop; call it once the workers have stopped."""
-        with self._changed:
+        """Stop, once the workers have: what they asked for is committed by then."""
+        with self._lock:
             self._closed = True
-            self._changed.notify()
+        self._wake.send(b"\0")
         self._thread.join()
-
-    def _read(self, link, number):
-        while True:
-            message = link.receive()
-            if message is None:
-                break
-            self._put(RemoteInsert(message[2], link, message[1]) if message[0] == "insert" else ("hello", link, number))
-        self._put(("gone", link, number))
-
-    def _put(self, item):
-        with self._changed:
-            self._queue.append(item)
-            self._changed.notify()
 
     def _run(self):
         while True:
-            work = self._next_work()
-            if work is None:
-                break
-            if isinstance(work, list):
-                self._commit(work)
-            elif work[0] == "hello":
-                self._welcome(work[1], work[2])
-            else:
-                self._forget(work[1])
-        for link in self._links:
-            link.close()
+            hellos, inserts = [], []
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    if self._take_wake_up():
+                        return self._close_links()
+                    continue
+                link, number = key.data
+                messages = link.received()
+                if messages is None:
+                    self._forget(link)
+                for message in messages or ():
+                    if message[0] == "hello":
+                        hellos.append((link, number))
+                    else:
+                        inserts.append(RemoteInsert(message[2], link, message[1]))
+            for link, number in hellos:       # a hello is a link's first message: before its inserts
+                self._welcome(link, number)
+            for batch in self._batches(inserts):
+                self._commit(batch)
 
-    def _next_work(self):
-        """The next hello or goodbye, or the inserts queued before it (about Store.MAX_BATCH rows)."""
-        with self._changed:
-            while not self._queue and not self._closed:
-                self._changed.wait()
-            if not self._queue:
-                return None
-            if not isinstance(self._queue[0], RemoteInsert):
-                return self._queue.popleft()
-            batch, rows = [], 0
-            while (self._queue and isinstance(self._queue[0], RemoteInsert)
-                   and (not batch or rows + len(self._queue[0].rows) <= Store.MAX_BATCH)):
-                batch.append(self._queue.popleft())
-                rows += len(batch[-1].rows)
-            return batch
+    def _take_wake_up(self):
+        """Watch the links that joined; True if close() was called."""
+        self._woken.recv(4096)
+        with self._lock:
+            joining, self._joining = self._joining, []
+            closed = self._closed
+        for link, number in joining:
+            self._selector.register(link.sock, selectors.EVENT_READ, (link, number))
+        return closed
+
+    @staticmethod
+    def _batches(inserts):
+        """inserts, in order, in transactions of about Store.MAX_BATCH rows."""
+        batch, rows = [], 0
+        for pending in inserts:
+            if batch and rows + len(pending.rows) > Store.MAX_BATCH:
+                yield batch
+                batch, rows = [], 0
+            batch.append(pending)
+            rows += len(pending.rows)
+        if batch:
+            yield batch
 
     def _commit(self, batch):
         started = time.perf_counter()
@@ -2447,10 +2486,9 @@ class CommitServer:
                 self._send(link, ("commit", rows, seconds, answers.get(link, [])))
 
     def _welcome(self, link, number):
-        if link.closed or not self._send(link, ("welcome", self._newest)):
-            return
-        self._links.append(link)
-        self._on_join(number)
+        if not link.closed and self._send(link, ("welcome", self._newest)):
+            self._links.append(link)
+            self._on_join(number)
 
     def _send(self, link, message):
         try:
@@ -2463,7 +2501,17 @@ class CommitServer:
     def _forget(self, link):
         if link in self._links:
             self._links.remove(link)
-        link.close()
+        if not link.closed:
+            self._selector.unregister(link.sock)
+            link.close()
+
+    def _close_links(self):
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                self._forget(key.data[0])
+        self._selector.close()
+        self._wake.close()
+        self._woken.close()
 
 
 class SharedStreamCounts(StreamCounts):
@@ -2541,6 +2589,7 @@ class Supervisor:
     restarts and signals only queue them."""
 
     WORKER_ENV = "BROKER_WORKER_SEAT"     # a worker's seat, as JSON: how main() knows it is one
+    REUSE_PORT = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")   # and balances it
     MIN_RESTART_DELAY, MAX_RESTART_DELAY = 0.1, 10.0
     STOP_SECONDS = 10.0                   # a worker still running this long after SIGTERM is killed
 
@@ -2569,9 +2618,10 @@ class Supervisor:
 
     def _start(self):
         host, port = self.settings["host"], self.settings["port"]
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, port), family=family, backlog=Server.request_queue_size)
+        self.listener = self._bound_socket(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))
         try:
+            if not self.REUSE_PORT:
+                self.listener.listen(Server.request_queue_size)
             self.store = Store(self.settings["db"], self.settings["sync"],
                                on_commit=lambda records, seconds: self.pruner.note(records))
         except BaseException:
@@ -2583,6 +2633,28 @@ class Supervisor:
         self.streams = SharedStreamCounts(self.settings["max_clients"] or own_limit * self.count, own_limit, self.count)
         self.commits.start()
         self.pruner.start()
+
+    def _bound_socket(self, family, address):
+        sock = socket.socket(family)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.REUSE_PORT:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _worker_listener(self):
+        """A worker's own listening socket on the supervisor's port (which only holds the port:
+        the kernel spreads new connections evenly over the sockets that listen, and stops
+        choosing a worker's once it exits); else the supervisor's socket, shared."""
+        if not self.REUSE_PORT:
+            return self.listener
+        sock = self._bound_socket(self.listener.family, self.listener.getsockname())
+        sock.listen(Server.request_queue_size)
+        return sock
 
     def _supervise(self):
         ready, announced = set(), False
@@ -2610,14 +2682,17 @@ class Supervisor:
 
     def _spawn(self, number):
         ours, theirs = socket.socketpair()
+        listener = self._worker_listener()
         self.commits.serve(ours, number)
-        seat = {"number": number, "workers": self.count, "listener": self.listener.fileno(),
+        seat = {"number": number, "workers": self.count, "listener": listener.fileno(),
                 "link": theirs.fileno(), "streams": self.streams.fd, "limit": self.streams.limit,
                 "own_limit": self.streams.own_limit, "settings": self.settings}
         process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__)], stdin=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, self.WORKER_ENV: json.dumps(seat)}, pass_fds=(seat["listener"], seat["link"], seat["streams"]))
         theirs.close()
+        if listener is not self.listener:
+            listener.close()          # the worker's now: it stops listening when the worker exits
         self._processes[number], self._started[number] = process, time.monotonic()
         threading.Thread(target=self._watch, args=(number, process), name="broker-watch", daemon=True).start()
 
