@@ -804,6 +804,8 @@ class Hub:
         self.changed = threading.Condition()
         self.newest = newest_id
         self.closed = False
+        self.quiet = False          # set by the fan-out writer when nobody but wait_until() needs a publish's notify
+        self._waiting = 0           # threads in wait_until()
         self._ring = collections.deque()
         self._ring_bytes = 0
         self._floor = newest_id     # records up to here may be missing from the ring
@@ -820,7 +822,8 @@ class Hub:
                 self._ring_bytes -= len(evicted.data)
                 self._floor = evicted.id
             self.newest = frames[-1].id
-            self.changed.notify_all()
+            if not self.quiet or self._waiting:
+                self.changed.notify_all()
 
     def close(self):
         with self.changed:
@@ -831,7 +834,9 @@ class Hub:
         """Wait until newest reaches newest_id (committed by another worker, and on its way to
         this one); return newest."""
         with self.changed:
+            self._waiting += 1
             self.changed.wait_for(lambda: self.newest >= newest_id or self.closed, timeout)
+            self._waiting -= 1
             return self.newest
 
     def cached_sync(self, newest):
@@ -1026,12 +1031,13 @@ class Fanout:
         next_check = time.monotonic() + self._check_interval()
         while True:
             with self.hub.changed:
+                self.hub.quiet = not self._subs     # with no stream to write, a commit need not wake this thread
                 if self.hub.newest <= self._sent and not self._joining and not self.hub.closed:
                     self.hub.changed.wait(self._wait_time(next_check))
                 if self.hub.closed:
                     break
                 newest = self.hub.newest
-                batch = self.hub.frames_after(self._sent, newest, max_bytes=None)   # one write per batch
+                batch = self.hub.frames_after(self._sent, newest, max_bytes=None) if self._subs else []   # one write
                 joining, self._joining = self._joining, []
             now = time.monotonic()
             if batch is None:
