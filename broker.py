@@ -2316,6 +2316,7 @@ class CommitLink:
         self._link = Link(sock)
         self._on_commit, self._lost = on_commit, lost
         self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)    # notified when self._waiting empties
         self._waiting = {}
         self._next = 0
         self._gone = self._closing = False
@@ -2333,8 +2334,11 @@ class CommitLink:
     def start(self):
         self._thread.start()
 
-    def close(self):
+    def close(self, timeout=LINK_TIMEOUT):
+        """Wait (up to timeout) for the answers to inserts asked already, then close the link."""
         self._closing = True
+        with self._drained:
+            self._drained.wait_for(lambda: not self._waiting, timeout)
         self._link.close()
 
     def insert(self, event, data):
@@ -2370,11 +2374,14 @@ class CommitLink:
             for number, start, end, error in answers:
                 with self._lock:
                     pending = self._waiting.pop(number)
+                    if not self._waiting:
+                        self._drained.notify_all()
                 pending.records, pending.error = records[start:end], error and StoreError(error)
                 pending.wake.release()
         with self._lock:
             self._gone = True
             waiting, self._waiting = self._waiting, {}
+            self._drained.notify_all()
         for pending in waiting.values():
             pending.error = StoreError("the writer process is gone: the insert may or may not be stored")
             pending.wake.release()
@@ -2679,10 +2686,9 @@ class Supervisor:
             elif kind == "exited" and self._processes.get(args[0]) is args[1]:
                 self.streams.mark(args[0], running=False)
                 if not announced:
-                    print(f"broker.py: error: worker {args[0]} {exit_reason(args[1].returncode)} while starting",
-                          file=sys.stderr)
+                    print(f"broker.py: error: worker {args[0]} {args[2]} while starting", file=sys.stderr)
                     return 1
-                self._schedule_restart(args[0], args[1].returncode)
+                self._schedule_restart(args[0], args[2])
             elif kind == "restart":
                 self._spawn(args[0])
 
@@ -2693,33 +2699,39 @@ class Supervisor:
         seat = {"number": number, "workers": self.count, "listener": listener.fileno(),
                 "link": theirs.fileno(), "streams": self.streams.fd, "limit": self.streams.limit,
                 "own_limit": self.streams.own_limit, "settings": self.settings}
-        process = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__)], stdin=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, self.WORKER_ENV: json.dumps(seat)}, pass_fds=(seat["listener"], seat["link"], seat["streams"]))
-        theirs.close()
-        if listener is not self.listener:
-            listener.close()          # the worker's now: it stops listening when the worker exits
-        self._processes[number], self._started[number] = process, time.monotonic()
+        self._started[number] = time.monotonic()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__)], stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, self.WORKER_ENV: json.dumps(seat)}, pass_fds=(seat["listener"], seat["link"], seat["streams"]))
+        except OSError as error:      # out of processes or memory, say: try again later
+            self._processes[number] = None
+            self._events.put(("exited", number, None, f"could not start ({error})"))
+            return
+        finally:
+            theirs.close()            # the writer sees the link close if the worker never starts
+            if listener is not self.listener:
+                listener.close()      # the worker's now: it stops listening when the worker exits
+        self._processes[number] = process
         threading.Thread(target=self._watch, args=(number, process), name="broker-watch", daemon=True).start()
 
     def _watch(self, number, process):
         process.wait()
-        self._events.put(("exited", number, process))
+        self._events.put(("exited", number, process, exit_reason(process.returncode)))
 
-    def _schedule_restart(self, number, returncode):
+    def _schedule_restart(self, number, reason):
         # A worker that ran a while is replaced at once; one that keeps failing, ever more slowly.
         quick = time.monotonic() - self._started[number] < self.MAX_RESTART_DELAY
         delay = min(self._delays.get(number, self.MIN_RESTART_DELAY / 2) * 2, self.MAX_RESTART_DELAY) \
             if quick else self.MIN_RESTART_DELAY
         self._delays[number] = delay
-        print(f"broker.py: worker {number} {exit_reason(returncode)}; starting another in {delay:g} s",
-              file=sys.stderr, flush=True)
+        print(f"broker.py: worker {number} {reason}; starting another in {delay:g} s", file=sys.stderr, flush=True)
         timer = threading.Timer(delay, self._events.put, (("restart", number),))
         timer.daemon = True
         timer.start()
 
     def _stop(self):
-        processes = list(self._processes.values())
+        processes = [process for process in self._processes.values() if process is not None]
         for process in processes:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)

@@ -2103,6 +2103,17 @@ class WorkerLifeTests(unittest.TestCase):
         with open(server.log_path) as log:
             self.assertRegex(log.read(), rf"worker {victim} was killed by SIGKILL; starting another in [\d.]+ s")
 
+    def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly(self):
+        server = WorkerBroker(self, 2)
+        for _ in range(3):
+            pid = server.worker_pids()[2]
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: server.worker_pids().get(2, pid) != pid, timeout=10)
+        with open(server.log_path) as log:
+            delays = re.findall(r"worker 2 was killed by SIGKILL; starting another in ([\d.]+) s", log.read())
+        self.assertEqual(delays, ["0.1", "0.2", "0.4"])
+        self.assertEqual(call(server, "GET", "/healthz")[0], 200)
+
     def test_sigterm_stops_every_worker_and_exits_0(self):
         server = WorkerBroker(self, 3)
         pids = list(server.worker_pids().values())
