@@ -14,9 +14,11 @@ Endpoints: POST /insert, GET /events, GET /audit/{event}, GET /healthz, GET /met
 In file order: OPTIONS and small helpers (JSON, validation, JWT); Record and EventFilter; Store,
 the SQLite file (one write connection with group commit, read connections, pages bounded in
 bytes); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
-with blocking writes; Fanout, the one thread writing every live stream; Pruner, history retention;
-Watchdog and ThreadPool (request deadlines, reused threads); Metrics, for GET /metrics; Server; HTTPHandler, HTTP without the broker, and Handler,
-the endpoints; Broker, what main() and embedding programs use; the client (publish_to,
+with blocking writes; StreamCounts and Fanout, the one thread writing every live stream; Pruner,
+history retention; Watchdog and ThreadPool (request deadlines, reused threads); Metrics, for GET
+/metrics; Server; HTTPHandler, HTTP without the broker, and Handler, the endpoints; Broker, what
+main() and embedding programs use; the processes of --workers (Link, CommitLink in a worker,
+CommitServer in the supervisor, SharedStreamCounts, Supervisor); the client (publish_to,
 subscribe, EventStreamParser); main() and run().
 """
 __all__ = ["Broker", "RequestError", "main", "publish_many", "publish_to", "run", "subscribe"]
@@ -440,7 +442,8 @@ class PendingInsert:
 
 
 class Store:
-    """The SQLite file. Knows SQL, knows nothing of HTTP.
+    """The SQLite file. Knows SQL, knows nothing of HTTP. A worker of --workers opens it with
+    writes=False, to read: the supervisor's CommitServer commits for every worker.
 
     self._lock guards every use of the write connection. Inserts are group-committed: the
     first caller to find no commit in flight becomes the committer and writes, in one
