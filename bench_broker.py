@@ -6,12 +6,15 @@
     python bench_broker.py --scenarios retention      # 1,000,000 inserts: the file with --keep-versions
     python bench_broker.py --scenarios fanout,insert --subscribers 1000 --repeat 3
     python bench_broker.py --servers floor            # the harness alone, without broker.py
+    python bench_broker.py --scenarios throughput,insert,fanout,connect --workers 1,2
 
 Starts `python broker.py --port 0 --db <temp file> --quiet` and the floor (this file with
 --serve-floor, same flags), drives each from separate client processes over non-blocking loopback
 sockets, runs them interleaved (broker, floor, broker, floor, ...) and prints one table per scenario
 with broker / floor ratios beside the targets; --json keeps the same tables. On a shared, noisy
 2-core machine only the ratios and the CPU-per-operation figures mean much.
+--workers 1,2 adds broker.py --workers 2 beside them in the throughput, insert, fanout and connect
+scenarios, with its ratio to one process; its CPU and memory are those of the parent and every worker.
 Only 127.0.0.1 is ever contacted. Linux (epoll, /proc), Python 3.9+, standard library only.
 """
 import argparse
@@ -54,6 +57,7 @@ RETENTION_SAMPLES = 10             # ... file sizes taken during the load, at ev
 RETENTION_LOAD_SECONDS = 300.0     # ... stop loading after this long
 SERVERS = ("broker", "floor")
 SENT = re.compile(rb'"sent":\s*(\d+)')
+BROKER_WORKER = re.compile(r"\r\nbroker-worker:[ \t]*(\d+)", re.IGNORECASE)
 
 # Sizes per mode; a flag given on the command line wins over both columns.
 #   flag                    quick       full         help
@@ -85,6 +89,12 @@ SIZES = [
 SCENARIOS = ("fanout", "crowd", "slow", "throughput", "memory", "connect", "insert", "batch", "history",
              "retention")
 ON_REQUEST = ("retention",)        # run only when named in --scenarios: a million inserts take 90 s
+WORKER_SCENARIOS = ("fanout", "throughput", "connect", "insert")   # a broker per --workers count, side by side
+CROSS_WORKER_P99 = 1.5             # issue 10: fan-out p99 on other workers / on the publisher's worker,
+CROSS_WORKER_AT = (1000, 20.0)     # ... at this many subscribers and records per second
+WORKERS_NOTE = ("N workers: broker.py --workers N, its server CPU, run-queue wait and RSS summed over the "
+                "parent and every worker (shared pages count once per process)")
+RATIO_NOTE = "; 'N workers / 1' is its figure over that of broker.py in one process"
 
 
 # --- small helpers: statistics, /proc, limits -----------------------------------------------------
@@ -108,12 +118,58 @@ def per(total, count, scale=1.0):
     return None if not count else total * scale / count
 
 
-def cpu_seconds(pid):
-    """utime + stime of every thread of pid, dead or alive, from /proc/<pid>/stat."""
+def stat_fields(pid):
+    """/proc/<pid>/stat after the command name: [state, ppid, ...], so field n of proc(5) is [n - 3]."""
     with open(f"/proc/{pid}/stat", "rb") as file:
         stat = file.read()
-    fields = stat[stat.rindex(b")") + 2:].split()     # the command name may hold spaces
+    return stat[stat.rindex(b")") + 2:].split()       # the command name may hold spaces
+
+
+def cpu_seconds(pid):
+    """utime + stime of every thread of pid, dead or alive, from /proc/<pid>/stat."""
+    fields = stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def cpu_and_reaped_seconds(pid):
+    # cutime + cstime as well: a worker that ended and was waited for leaves its CPU time there,
+    # so a process tree's total never goes down when one of its members is replaced.
+    fields = stat_fields(pid)
+    return sum(int(field) for field in fields[11:15]) / TICKS
+
+
+def process_tree(pid):
+    """pid and every live descendant (parents before children), from the ppid in each /proc/<n>/stat."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                children.setdefault(int(stat_fields(name)[1]), []).append(int(name))
+            except (OSError, IndexError):
+                pass                   # it ended while /proc was being read
+    tree = [pid]
+    for parent in tree:                # grows as it goes: children, then theirs
+        tree.extend(children.get(parent, ()))
+    return tree
+
+
+def summed_over(pids, read):
+    """read(pid) added up over pids; a process that ended since the list was made counts 0."""
+    total = 0
+    for pid in pids:
+        try:
+            total += read(pid) or 0
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def start_time(pid):
+    """When pid started, in clock ticks after boot; with the pid, it names one process for good."""
+    try:
+        return int(stat_fields(pid)[19])
+    except (OSError, IndexError):
+        return None
 
 
 def runqueue_seconds(pid):
@@ -129,15 +185,15 @@ def runqueue_seconds(pid):
 
 
 class Meter:
-    """A server's CPU time and run-queue wait from creation to read()."""
+    """A server's CPU time and run-queue wait (every process of it) from creation to read()."""
 
-    def __init__(self, pid):
-        self.pid = pid
-        self.cpu, self.waited = cpu_seconds(pid), runqueue_seconds(pid)
+    def __init__(self, server):
+        self.server = server
+        self.cpu, self.waited = server.cpu_seconds(), server.waited_seconds()
 
     def read(self):
         """(CPU seconds used, seconds spent waiting for a CPU) since the meter was made."""
-        return cpu_seconds(self.pid) - self.cpu, runqueue_seconds(self.pid) - self.waited
+        return self.server.cpu_seconds() - self.cpu, self.server.waited_seconds() - self.waited
 
 
 def memory_kib(pid, field):
@@ -224,6 +280,7 @@ class StreamReader:
     def __init__(self):
         self.head = b""
         self.status = None
+        self.worker = None        # which of broker.py's workers answered; None for a single process
         self.dechunker = None     # None for a body that is not chunked
         self.text = b""
 
@@ -250,9 +307,16 @@ class StreamReader:
             return b""
         head, rest = self.head[:end].decode("latin-1"), self.head[end + 4:]
         self.status = int(head.split(" ", 2)[1])
+        self.worker = answering_worker(head)
         if re.search(r"\r\ntransfer-encoding:[^\r]*chunked", head, re.IGNORECASE):
             self.dechunker = Dechunker()
         return rest
+
+
+def answering_worker(head):
+    """The Broker-Worker header of a response head: which worker of broker.py --workers N answered."""
+    found = BROKER_WORKER.search(head)
+    return int(found.group(1)) if found else None
 
 
 def sse_fields(message):
@@ -274,7 +338,7 @@ def sse_fields(message):
 
 
 def split_response(buf):
-    """(status, body, rest) for a complete Content-Length response at the start of buf, else None."""
+    """(status, head, body, rest) for a complete Content-Length response at the start of buf, else None."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -285,7 +349,7 @@ def split_response(buf):
     stop = end + 4 + int(length.group(1))
     if len(buf) < stop:
         return None
-    return int(head.split(" ", 2)[1]), buf[end + 4:stop], buf[stop:]
+    return int(head.split(" ", 2)[1]), head, buf[end + 4:stop], buf[stop:]
 
 
 def insert_request(port, event, seq, pad=0):
@@ -514,20 +578,24 @@ def floor_main(argv):
 # --- servers under test ------------------------------------------------------------------------------
 
 class ServerProcess:
-    """One server under test (broker.py or the floor) in its own process, read through /proc."""
+    """One server under test (broker.py or the floor), read through /proc: one process, or for a
+    broker with workers > 1 a tree (the parent and its workers), whose figures are summed."""
 
     live = set()      # started and not yet stopped: cleanup() kills these on any exit
 
-    def __init__(self, kind, command, workdir):
-        self.kind, self.command, self.workdir = kind, command, workdir
+    def __init__(self, kind, command, workdir, workers=1):
+        self.kind, self.command, self.workdir, self.workers = kind, command, workdir, workers
         self.process = self.port = None
         self.exit_code = self.stop_seconds = None
 
     def start(self, timeout=20.0):
         self.stdout = open(os.path.join(self.workdir, f"{self.kind}.out"), "w+")
         self.stderr = open(os.path.join(self.workdir, f"{self.kind}.err"), "w+")
+        # --workers decides how many processes a broker has, not the caller's environment.
+        environment = {name: value for name, value in os.environ.items() if name != "BROKER_WORKERS"}
         self.process = subprocess.Popen(self.command, stdout=self.stdout, stderr=self.stderr,
-                                        stdin=subprocess.DEVNULL, preexec_fn=prepare_server_process)
+                                        stdin=subprocess.DEVNULL, env=environment,
+                                        preexec_fn=prepare_server_process)
         ServerProcess.live.add(self)
         deadline = time.monotonic() + timeout
         while self.port is None:
@@ -540,29 +608,59 @@ class ServerProcess:
                 raise RuntimeError(f"{self.kind} did not start: {' '.join(self.command)}\n{self.stderr_tail()}")
             else:
                 time.sleep(0.02)
+        if self.workers > 1:
+            self.check_workers()
         return self
+
+    def check_workers(self):
+        """Fail at once, rather than measure the wrong thing, unless /healthz reports the workers asked for."""
+        status, body = http_get(self.port, "/healthz", timeout=10)
+        reported = json.loads(body).get("workers") if status == 200 else f"status {status}"
+        if reported != self.workers:
+            self.stop()
+            raise RuntimeError(f"{self.kind}: asked for {self.workers} workers, GET /healthz says {reported}")
 
     @property
     def pid(self):
         return self.process.pid
 
+    def read_proc(self, read):
+        """read(pid) for a server in one process; summed over the tree for a broker with workers."""
+        if self.workers == 1:
+            return read(self.pid)
+        return summed_over(process_tree(self.pid), read)
+
     def cpu_seconds(self):
-        return cpu_seconds(self.pid)
+        if self.workers == 1:
+            return cpu_seconds(self.pid)
+        return summed_over(process_tree(self.pid), cpu_and_reaped_seconds)
+
+    def waited_seconds(self):
+        return self.read_proc(runqueue_seconds)
 
     def rss_kib(self):
-        return memory_kib(self.pid, "VmRSS")
+        # Summed over a tree, pages the workers share (forked from one parent) count once in each.
+        return self.read_proc(lambda pid: memory_kib(pid, "VmRSS"))
 
     def peak_kib(self):
-        return memory_kib(self.pid, "VmHWM")
+        # Summed over a tree: each process's own peak, whenever it came, so at most the tree's peak.
+        return self.read_proc(lambda pid: memory_kib(pid, "VmHWM"))
 
     def reset_peak(self):
-        reset_peak_memory(self.pid)
+        self.read_proc(reset_peak_memory)
+
+    def descendants(self):
+        """{pid: start time} of every process below this server's, while it runs; {} for one process."""
+        if self.workers == 1 or self.process.poll() is not None:
+            return {}
+        return {pid: start_time(pid) for pid in process_tree(self.pid)[1:]}
 
     def stop(self, timeout=15.0):
         """SIGTERM, and SIGKILL if it has not exited within timeout; records how it went."""
         if self.process is None or self.exit_code is not None:
             return
         started = time.monotonic()
+        workers = self.descendants()
         self.process.send_signal(signal.SIGTERM)
         try:
             self.exit_code = self.process.wait(timeout)
@@ -572,16 +670,21 @@ class ServerProcess:
         self.stop_seconds = time.monotonic() - started
         ServerProcess.live.discard(self)
         errors = self.stderr_tail()          # a traceback from the server is worth seeing at once
-        if self.exit_code != 0 or self.stop_seconds > 2 or errors:
+        outlived = kill_survivors(workers)
+        if self.exit_code != 0 or self.stop_seconds > 2 or errors or outlived:
+            orphans = f"; {outlived} of its processes outlived it and were killed" if outlived else ""
             log(f"  ! {self.kind} exited with {self.exit_code}, {self.stop_seconds:.1f} s after SIGTERM"
-                f"\n{errors}")
+                f"{orphans}\n{errors}")
         self.stdout.close()
         self.stderr.close()
 
     def kill(self):
+        """SIGKILL the server and, since a worker runs in its own session, each of its processes."""
         if self.process.poll() is None:
+            workers = self.descendants()
             self.process.kill()
             self.process.wait(5)
+            kill_survivors(workers)
         ServerProcess.live.discard(self)
 
     def stderr_tail(self, lines=15):
@@ -593,6 +696,33 @@ class ServerProcess:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+
+def still_running(pid, started):
+    """Whether pid is still the process that started then, and not a zombie."""
+    try:
+        fields = stat_fields(pid)
+    except OSError:
+        return False
+    return int(fields[19]) == started and fields[0] != b"Z"
+
+
+def kill_survivors(processes, patience=2.0):
+    """SIGKILL those of {pid: start time} still running after patience s (a pid whose start time
+    changed is another process now, and is left alone); how many there were."""
+    deadline = time.monotonic() + patience
+    alive = list(processes.items())
+    while True:
+        alive = [(pid, started) for pid, started in alive if still_running(pid, started)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for pid, _started in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(alive)
 
 
 # --- client processes ---------------------------------------------------------------------------------
@@ -853,13 +983,17 @@ def sync_report(client, cpu, wall):
 
 
 def live_report(client, expected_ids, cpu, wall):
-    """Lost, duplicated and out-of-order frames per (stream, record) pair, and their latencies."""
+    """Lost, duplicated and out-of-order frames per (stream, record) pair, and their latencies
+    grouped by the worker that serves the stream (None for a broker in one process)."""
     expected = set(expected_ids)
     lost = duplicated = disordered = unexpected = delivered = 0
-    latencies = array.array("q")
+    latencies_by_worker, subscribers_by_worker = {}, {}
     for sub in client.subs:
         if sub.sync_id is None:
             continue
+        worker = sub.reader.worker
+        subscribers_by_worker[worker] = subscribers_by_worker.get(worker, 0) + 1
+        latencies = latencies_by_worker.setdefault(worker, array.array("q"))
         seen, highest = set(), 0
         for ident, latency in zip(sub.ids, sub.latencies):
             delivered += 1
@@ -877,8 +1011,18 @@ def live_report(client, expected_ids, cpu, wall):
         lost += len(expected - seen)
     closed = sum(1 for sub in client.subs if sub.sync_id is not None and sub.closed)
     return {"delivered": delivered, "lost": lost, "duplicated": duplicated, "disordered": disordered,
-            "unexpected": unexpected, "closed": closed, "latencies": latencies,
-            "last_frame_ns": client.last_frame_ns, "cpu": cpu, "wall": wall}
+            "unexpected": unexpected, "closed": closed, "latencies_by_worker": latencies_by_worker,
+            "subscribers_by_worker": subscribers_by_worker, "last_frame_ns": client.last_frame_ns,
+            "cpu": cpu, "wall": wall}
+
+
+def merge_by_worker(parts):
+    """{broker.py worker: figure} over every client process: counts added, latency arrays joined."""
+    merged = {}
+    for part in parts:
+        for worker, value in part.items():
+            merged[worker] = merged[worker] + value if worker in merged else value
+    return merged
 
 
 class SubscriberPool:
@@ -922,7 +1066,9 @@ class SubscriberPool:
         reports = [worker.receive(grace + 30) for worker in self.workers]
         merged = {key: sum(r[key] for r in reports)
                   for key in ("delivered", "lost", "duplicated", "disordered", "unexpected", "closed")}
-        merged["latencies"] = [ns for r in reports for ns in r["latencies"]]
+        for key in ("latencies_by_worker", "subscribers_by_worker"):
+            merged[key] = merge_by_worker(r[key] for r in reports)
+        merged["latencies"] = [ns for latencies in merged["latencies_by_worker"].values() for ns in latencies]
         merged["last_frame_ns"] = max(r["last_frame_ns"] for r in reports)
         merged["client_cpu_pct"] = max(per(r["cpu"], r["wall"], 100) or 0 for r in reports)
         return merged
@@ -1063,6 +1209,7 @@ class Publisher:
         for fd in self.by_fd:
             self.epoll.register(fd, select.EPOLLIN)
         self.ids, self.latencies, self.statuses = array.array("q"), array.array("q"), {}
+        self.workers = {}      # Broker-Worker (None without one) -> responses it sent
         self.seq, self.slip = 0, 0.0
         self.started = time.monotonic()
         self.stop_at = self.started + seconds
@@ -1077,7 +1224,7 @@ class Publisher:
             if sending:
                 self.send_due(now)
             for fd, _mask in self.epoll.poll(self.wait_time()):
-                read_acks(self.by_fd[fd], self.ids, self.latencies, self.statuses)
+                read_acks(self.by_fd[fd], self.ids, self.latencies, self.statuses, self.workers)
                 if self.progress and len(self.ids) >= self.next_progress:
                     self.on_progress(len(self.ids))
                     self.next_progress = (len(self.ids) // self.progress + 1) * self.progress
@@ -1119,21 +1266,23 @@ class Publisher:
 
 def publisher_worker(pipe, port, connections, count, seconds, event, rate=0.0, distinct=0, grace=10.0,
                      quickack=False, pad=0, batch=0, progress=0):
-    """Client process: run a Publisher; the answer lists every acknowledged id and each request's
-    latency. quickack ACKs every response at once, so a server's Nagle delay cannot slow a bulk
-    load. progress > 0 also sends ("progress", acknowledged) every that many records."""
+    """Client process: run a Publisher; the answer lists every acknowledged id, each request's
+    latency and how many responses each of broker.py's workers sent. quickack ACKs every response
+    at once, so a server's Nagle delay cannot slow a bulk load. progress > 0 also sends
+    ("progress", acknowledged) every that many records."""
     cpu = own_cpu_seconds()
     publisher = Publisher(port, connections, count, seconds, event, rate, distinct, quickack, pad, batch,
                           progress, lambda acked: pipe.send(("progress", acked)))
     publisher.run(grace)
     publisher.close()
     pipe.send({"ids": publisher.ids, "latencies": publisher.latencies, "statuses": publisher.statuses,
-               "sent": publisher.seq, "unanswered": sum(conn.busy for conn in publisher.conns),
+               "workers": publisher.workers, "sent": publisher.seq,
+               "unanswered": sum(conn.busy for conn in publisher.conns),
                "slip": publisher.slip, "seconds": time.monotonic() - publisher.started,
                "cpu": own_cpu_seconds() - cpu})
 
 
-def read_acks(conn, ids, latencies, statuses):
+def read_acks(conn, ids, latencies, statuses, workers):
     data = conn.sock.recv(65536)
     if not data:
         raise ConnectionError("the server closed a keep-alive /insert connection")
@@ -1144,7 +1293,9 @@ def read_acks(conn, ids, latencies, statuses):
         response = split_response(conn.buf)
         if response is None:
             return
-        status, body, conn.buf = response
+        status, head, body, conn.buf = response
+        worker = answering_worker(head)
+        workers[worker] = workers.get(worker, 0) + 1
         if status == 200:
             answer = json.loads(body)
             if isinstance(answer, list):          # a batch: its records, in the order sent
@@ -1190,10 +1341,18 @@ def publish(bench, server, count, seconds, event, connections=1, rate=0.0, disti
 
 # --- the report ---------------------------------------------------------------------------------------
 
-TARGET_TEXT = {"<=x": "<= {}x floor", ">=x": ">= {}x floor", "<=": "<= {}", "<": "< {}", ">=": ">= {}",
-               "==": "= {}"}
-TARGET_TEST = {"<=x": lambda v, t: v <= t, ">=x": lambda v, t: v >= t, "<=": lambda v, t: v <= t,
-               "<": lambda v, t: v < t, ">=": lambda v, t: v >= t, "==": lambda v, t: v == t}
+# A row's target is None, one (op, limit) or a list of them. Ops ending in x are ratios to the floor,
+# in w ratios to the broker in one process (judged for each broker with workers); the rest are values.
+TARGET_TEXT = {"<=x": "<= {}x floor", ">=x": ">= {}x floor", "<=w": "<= {}x 1 worker", ">=w": ">= {}x 1 worker",
+               "<=": "<= {}", "<": "< {}", ">=": ">= {}", "==": "= {}"}
+TARGET_TEST = {"<=x": lambda v, t: v <= t, ">=x": lambda v, t: v >= t, "<=w": lambda v, t: v <= t,
+               ">=w": lambda v, t: v >= t, "<=": lambda v, t: v <= t, "<": lambda v, t: v < t,
+               ">=": lambda v, t: v >= t, "==": lambda v, t: v == t}
+
+
+def broker_kind(workers):
+    """What broker.py with that many workers is called in logs, tables and JSON."""
+    return "broker" if workers == 1 else f"{workers} workers"
 
 
 def ratio(broker, floor):
@@ -1202,15 +1361,16 @@ def ratio(broker, floor):
     return broker / floor
 
 
-def check(target, broker, floor):
-    """(target text, "ok" / "MISS" / "?") for one row; ratios are against the floor's figure."""
-    if target is None:
-        return "", ""
-    op, limit = target
-    value = ratio(broker, floor) if op.endswith("x") else broker
-    if value is None or isinstance(value, str):
-        return TARGET_TEXT[op].format(limit), "?"
-    return TARGET_TEXT[op].format(limit), "ok" if TARGET_TEST[op](value, limit) else "MISS"
+def verdict_over(op, limit, judged):
+    """ok, MISS or ? for one target over [(broker column, value)]; a MISS names its columns when
+    there are several. A column without a value is passed over, unless none has one."""
+    known = [(kind, value) for kind, value in judged if value is not None and not isinstance(value, str)]
+    if not known:
+        return "?"
+    missed = [kind for kind, value in known if not TARGET_TEST[op](value, limit)]
+    if not missed:
+        return "ok"
+    return "MISS" + (f" ({', '.join(missed)})" if len(judged) > 1 else "")
 
 
 def number(value):
@@ -1237,37 +1397,63 @@ def median_of(runs, key):
 
 
 class Table:
-    """One scenario's figures: rows of (label, run key, target), medians of the runs per server."""
+    """One scenario's figures: rows of (label, run key, target), medians of the runs per server.
+    Servers come in the order of runs: brokers (one per --workers count, the first compared with
+    the floor), then the floor; each broker with workers also gets a column of its ratio to 1 worker."""
 
     def __init__(self, title, runs, rows, notes=()):
         self.title, self.runs, self.rows, self.notes = title, runs, rows, list(notes)
-        self.kinds = [kind for kind in SERVERS if runs.get(kind)]
+        self.kinds = [kind for kind in runs if runs[kind]]
+        self.brokers = [kind for kind in self.kinds if kind != "floor"]
+        single = broker_kind(1)
+        self.scaled = [kind for kind in self.brokers if kind != single] if single in self.brokers else []
+        self.floor_ratio = bool(self.brokers) and "floor" in self.kinds
 
     def figures(self):
-        """Per row: label, key, {server: median}, broker / floor, target text, verdict."""
+        """Per row: label, key, {server: median}, first broker / floor, {broker: ratio to 1 worker},
+        and a (target text, verdict) for each target this table can judge."""
         for label, key, target in self.rows:
             values = {kind: median_of(self.runs[kind], key) for kind in self.kinds}
-            broker, floor = values.get("broker"), values.get("floor")
-            text, verdict = check(target, broker, floor) if "broker" in values else ("", "")
-            yield label, key, values, ratio(broker, floor), text, verdict
+            first = values[self.brokers[0]] if self.brokers else None
+            to_single = {kind: ratio(values[kind], values[broker_kind(1)]) for kind in self.scaled}
+            targets = [] if target is None else target if isinstance(target, list) else [target]
+            judged = [self.judge(op, limit, values, to_single) for op, limit in targets]
+            yield (label, key, values, ratio(first, values.get("floor")), to_single,
+                   [pair for pair in judged if pair])
+
+    def judge(self, op, limit, values, to_single):
+        """(target text, verdict) over every broker column the target concerns; None when there is
+        none (a target against 1 worker, in a table without both 1 worker and more)."""
+        if op.endswith("w"):
+            judged = list(to_single.items())
+        elif op.endswith("x"):
+            judged = [(kind, ratio(values[kind], values.get("floor"))) for kind in self.brokers]
+        else:
+            judged = [(kind, values[kind]) for kind in self.brokers]
+        return (TARGET_TEXT[op].format(limit), verdict_over(op, limit, judged)) if judged else None
 
     def lines(self):
-        both = len(self.kinds) == 2
         repeats = max(len(self.runs[kind]) for kind in self.kinds)
         out = [f"== {self.title}" + (f"  (median of {repeats} runs each)" if repeats > 1 else ""),
                f"  {'':38}" + "".join(f"{kind:>12}" for kind in self.kinds)
-               + (f"{'broker/floor':>14}" if both else "") + "  target"]
-        for label, _key, values, quotient, text, verdict in self.figures():
+               + (f"{'broker/floor':>14}" if self.floor_ratio else "")
+               + "".join(f"{kind + ' / 1':>15}" for kind in self.scaled) + "  target"]
+        for label, _key, values, quotient, to_single, judged in self.figures():
             line = f"  {label:38}" + "".join(f"{number(values[kind]):>12}" for kind in self.kinds)
-            line += f"{number(quotient):>14}" if both else ""
-            line += f"  {text:16} {verdict}" if text else ""
+            line += f"{number(quotient):>14}" if self.floor_ratio else ""
+            line += "".join(f"{number(to_single[kind]):>15}" for kind in self.scaled)
+            if judged:
+                (text, verdict), *more = judged
+                line += f"  {text:16} {verdict}" + "".join(f"; {text} {verdict}" for text, verdict in more)
             out.append(line)
         return out + [f"  note: {note}" for note in self.notes]
 
     def to_json(self):
         rows = [{"metric": label, "key": key, **values, "ratio": quotient,
-                 "target": text or None, "verdict": verdict or None}
-                for label, key, values, quotient, text, verdict in self.figures()]
+                 **({"ratio_to_1_worker": to_single} if to_single else {}),
+                 "target": "; ".join(text for text, _ in judged) or None,
+                 "verdict": "; ".join(verdict for _, verdict in judged) or None}
+                for label, key, values, quotient, to_single, judged in self.figures()]
         return {"title": self.title, "rows": rows, "notes": self.notes, "runs": self.runs}
 
 
@@ -1296,17 +1482,25 @@ class SeriesTable:
 # --- the benchmark ------------------------------------------------------------------------------------
 
 class Bench:
-    """The settings, the servers' command lines and a scratch folder shared by every scenario."""
+    """The settings, the servers' command lines and a scratch folder shared by every scenario.
+    Servers go by kind: "floor", and a broker_kind() for each --workers count."""
 
     def __init__(self, args, workdir):
         self.args, self.workdir = args, workdir
-        self.kinds = [kind for kind in SERVERS if kind in args.servers]
+        self.workers = {broker_kind(n): n for n in args.workers} if "broker" in args.servers else {}
+        brokers, floor = list(self.workers), [kind for kind in ("floor",) if kind in args.servers]
+        self.broker = brokers[0] if brokers else None     # the one broker most scenarios run
+        self.kinds = brokers[:1] + floor
+        self.side_by_side = brokers + floor               # for WORKER_SCENARIOS: every --workers count
         self.servers_started = 0
 
     def command(self, kind, db, extra=()):
-        if kind == "broker":
+        if kind in self.workers:
+            workers = self.workers[kind]
+            # No flag for one worker: broker.py exactly as it runs without --workers.
+            flag = ["--workers", str(workers)] if workers > 1 else []
             return [self.args.python, self.args.broker, "--port", "0", "--db", db, "--quiet",
-                    *self.args.broker_arg, *extra]
+                    *self.args.broker_arg, *flag, *extra]
         return [self.args.python, os.path.abspath(__file__), "--serve-floor", "--port", "0",
                 "--db", db, "--quiet"]
 
@@ -1315,12 +1509,17 @@ class Bench:
         (broker.py only) come after --broker-arg's, so they win."""
         self.servers_started += 1
         db = os.path.join(self.workdir, f"{kind}-{self.servers_started}.db")
-        server = ServerProcess(kind, self.command(kind, db, extra), self.workdir)
+        server = ServerProcess(kind, self.command(kind, db, extra), self.workdir, self.workers.get(kind, 1))
         server.db = db
         return server.start()
 
+    def has_workers(self, kinds):
+        """Whether any of these kinds is a broker with more than one worker."""
+        return any(self.workers.get(kind, 1) > 1 for kind in kinds)
+
     def interleaved(self, label, run_once, kinds=None, repeat=None):
-        """run_once(server) on fresh servers, alternating broker and floor, --repeat times each."""
+        """run_once(server) on fresh servers, each kind in turn (brokers, then the floor), --repeat
+        times each."""
         runs = {kind: [] for kind in kinds or self.kinds}
         repeat = repeat or self.args.repeat
         for attempt in range(repeat):
@@ -1351,38 +1550,78 @@ def fanout_run(bench, server, count):
     args = bench.args
     with SubscriberPool(bench, server.port, count) as pool:
         sync = pool.wait_synced()
-        meter = Meter(server.pid)
+        meter = Meter(server)
         published = publish(bench, server, args.records, args.records / args.rate + 30, "fanout",
                             rate=args.rate)
         live = pool.collect(published["ids"], grace=10)
         cpu, waited = meter.read()
+    split = worker_split(live, published, server.workers) if server.workers > 1 else {}
     figures = delivery_figures(live, sync, len(published["ids"]) * sync["synced"])
     figures.update(acked=len(published["ids"]), slip_s=published["slip"], waited_ms=waited * 1000,
-                   cpu_us_per_delivery=per(cpu, figures["delivered"], 1e6))
+                   cpu_us_per_delivery=per(cpu, figures["delivered"], 1e6), **split)
     return figures
+
+
+def worker_split(live, published, workers):
+    """For a broker with workers: how many subscribers each worker serves, and the delivery p99 of
+    those on the publisher's worker (its inserts' Broker-Worker) beside those on the others."""
+    counts, latencies = live["subscribers_by_worker"], live["latencies_by_worker"]
+    figures = {"subscribers_per_worker": "/".join(str(counts.get(k, 0)) for k in range(1, workers + 1)),
+               "unlabelled": counts.get(None, 0) + published["workers"].get(None, 0)}
+    answered = [worker for worker in published["workers"] if worker is not None]
+    if len(answered) != 1:             # one keep-alive connection should be one worker throughout
+        return figures
+    own = answered[0]
+    others = [worker for worker in counts if worker not in (own, None)]
+    same = latency_summary(latencies.get(own, []))["p99_ms"]
+    cross = latency_summary([ns for worker in others for ns in latencies[worker]])["p99_ms"]
+    figures.update(publisher_worker=own, same_subscribers=counts.get(own, 0),
+                   cross_subscribers=sum(counts[worker] for worker in others),
+                   same_p99_ms=same, cross_p99_ms=cross, cross_same_p99=ratio(cross, same))
+    return figures
+
+
+def worker_split_rows(count, rate):
+    """worker_split()'s rows, with issue 10's target where it was set."""
+    target = ("<=", CROSS_WORKER_P99) if (count, rate) == CROSS_WORKER_AT else None
+    return [("subscribers on the publisher's worker", "same_subscribers", None),
+            ("subscribers on the other worker(s)", "cross_subscribers", None),
+            ("  per worker 1/2/.. (last run)", "subscribers_per_worker", None),
+            ("responses without Broker-Worker", "unlabelled", ("==", 0)),
+            ("latency p99 ms, publisher's worker", "same_p99_ms", None),
+            ("latency p99 ms, other worker(s)", "cross_p99_ms", None),
+            ("  other worker(s) / publisher's", "cross_same_p99", target)]
 
 
 def scenario_fanout(bench):
     args = bench.args
     tables = []
     for count in args.subscribers:
-        runs = bench.interleaved(f"fanout {count}", lambda server: fanout_run(bench, server, count))
+        runs = bench.interleaved(f"fanout {count}", lambda server: fanout_run(bench, server, count),
+                                 kinds=bench.side_by_side)
+        rows = [
+            ("subscribers synced", "synced", None),
+            ("records acknowledged", "acked", None),
+            ("latency p50 ms", "p50_ms", None),
+            ("latency p99 ms", "p99_ms", [("<=x", 1.5), ("<=w", 1)]),
+            ("latency max ms", "max_ms", None),
+            ("lost (subscriber, record) pairs", "lost", ("==", 0)),
+            ("duplicated", "duplicated", ("==", 0)),
+            ("out of order", "disordered", ("==", 0)),
+            ("streams closed by the server", "closed", ("==", 0)),
+            ("server CPU us per delivery", "cpu_us_per_delivery", [("<=x", 1.3), ("<=w", 1)]),
+            ("publisher schedule slip s", "slip_s", ("<", 0.1)),
+            ("client CPU % (busiest process)", "client_cpu_pct", None),
+            NOISE_ROW,
+        ]
+        notes = []
+        if bench.has_workers(runs):
+            rows += worker_split_rows(count, args.rate)
+            notes.append("a subscriber is on the publisher's worker when its /events response has the "
+                         "Broker-Worker of the publisher's inserts (one keep-alive connection); the "
+                         "kernel picks the worker of each connection")
         tables.append(Table(f"fanout: {count:,} idle subscribers, {args.records} records at {args.rate:g}/s",
-                            runs, [
-                                ("subscribers synced", "synced", None),
-                                ("records acknowledged", "acked", None),
-                                ("latency p50 ms", "p50_ms", None),
-                                ("latency p99 ms", "p99_ms", ("<=x", 1.5)),
-                                ("latency max ms", "max_ms", None),
-                                ("lost (subscriber, record) pairs", "lost", ("==", 0)),
-                                ("duplicated", "duplicated", ("==", 0)),
-                                ("out of order", "disordered", ("==", 0)),
-                                ("streams closed by the server", "closed", ("==", 0)),
-                                ("server CPU us per delivery", "cpu_us_per_delivery", ("<=x", 1.3)),
-                                ("publisher schedule slip s", "slip_s", ("<", 0.1)),
-                                ("client CPU % (busiest process)", "client_cpu_pct", None),
-                                NOISE_ROW,
-                            ]))
+                            runs, rows, notes))
     return tables
 
 
@@ -1391,7 +1630,7 @@ def crowd_run(bench, server):
     with SubscriberPool(bench, server.port, args.crowd) as pool:
         sync = pool.wait_synced()
         rss = server.rss_kib()
-        meter = Meter(server.pid)
+        meter = Meter(server)
         published = publish(bench, server, args.crowd_records, args.crowd_records / CROWD_RATE + 30,
                             "crowd", rate=CROWD_RATE)
         live = pool.collect(published["ids"], grace=30)
@@ -1446,7 +1685,7 @@ def fast_phase(bench, server, seconds, label):
     args = bench.args
     with SubscriberPool(bench, server.port, 1) as pool:
         sync = pool.wait_synced()
-        meter = Meter(server.pid)
+        meter = Meter(server)
         published = publish(bench, server, round(seconds * args.slow_rate), seconds + 30, "slow",
                              rate=args.slow_rate, pad=args.slow_record_kib * 1024)
         live = pool.collect(published["ids"], grace=10)
@@ -1513,12 +1752,12 @@ def slow_run(bench, server):
 
 def scenario_slow(bench):
     args = bench.args
-    if "broker" not in bench.kinds:
+    if bench.broker is None:
         return []
     off_ring = round((RING_BYTES + socket_slack_bytes()) / 2 ** 20, 1)
     pause = slow_pause_seconds(args)
     readers = args.slow_readers
-    runs = bench.interleaved("slow readers", lambda server: slow_run(bench, server), kinds=["broker"])
+    runs = bench.interleaved("slow readers", lambda server: slow_run(bench, server), kinds=[bench.broker])
     return [Table(f"slow: 1 fast subscriber, {args.slow_record_kib} KiB records at {args.slow_rate:g}/s, "
                   f"{args.slow_alone_seconds:g} s alone then {args.slow_seconds:g} s beside {readers} slow "
                   f"readers (broker only)", runs, [
@@ -1563,7 +1802,7 @@ def throughput_run(bench, server, count=100, publishers=4):
     args = bench.args
     with SubscriberPool(bench, server.port, count) as pool:
         sync = pool.wait_synced()
-        meter, started_ns = Meter(server.pid), time.time_ns()
+        meter, started_ns = Meter(server), time.time_ns()
         published = publish(bench, server, 10 ** 9, args.throughput_seconds, "throughput",
                             connections=publishers)
         live = pool.collect(published["ids"], grace=20)
@@ -1580,7 +1819,8 @@ def throughput_run(bench, server, count=100, publishers=4):
 
 def scenario_throughput(bench):
     args = bench.args
-    runs = bench.interleaved("throughput", lambda server: throughput_run(bench, server))
+    runs = bench.interleaved("throughput", lambda server: throughput_run(bench, server),
+                             kinds=bench.side_by_side)
     return [Table(f"throughput: 100 subscribers, 4 closed-loop keep-alive publishers for "
                   f"{args.throughput_seconds:g} s", runs, [
                       ("inserts acknowledged per s", "inserts_per_s", (">=x", 2.0)),
@@ -1652,7 +1892,7 @@ def connect_run(bench, server):
 
 def scenario_connect(bench):
     args = bench.args
-    runs = bench.interleaved("connect", lambda server: connect_run(bench, server))
+    runs = bench.interleaved("connect", lambda server: connect_run(bench, server), kinds=bench.side_by_side)
     return [Table(f"connect: {CONNECT_EVENTS} events stored, {args.connect_subscribers:,} subscribers sync "
                   f"({args.inflight} in flight)", runs, [
                       ("subscribers synced", "synced", None),
@@ -1669,7 +1909,7 @@ def scenario_connect(bench):
 
 
 def insert_run(bench, server, publishers):
-    meter = Meter(server.pid)
+    meter = Meter(server)
     published = publish(bench, server, 10 ** 9, bench.args.insert_seconds, "insert", connections=publishers)
     cpu, waited = meter.read()
     acked = len(published["ids"])
@@ -1683,10 +1923,16 @@ def insert_run(bench, server, publishers):
 def scenario_insert(bench):
     tables = []
     for publishers in (1, 8):
-        runs = bench.interleaved(f"insert x{publishers}", lambda server: insert_run(bench, server, publishers))
+        runs = bench.interleaved(f"insert x{publishers}", lambda server: insert_run(bench, server, publishers),
+                                 kinds=bench.side_by_side)
+        notes = ["the floor's /insert writes no database: the ratio is the cost of durability and HTTP parsing"]
+        if bench.has_workers(runs):
+            notes.append("broker.py's settings as given (--sync full unless --broker-arg says otherwise); "
+                         "with workers, each insert goes from a worker to the parent, which commits")
         tables.append(Table(f"insert: no subscribers, {publishers} keep-alive publisher(s), "
                             f"{bench.args.insert_seconds:g} s", runs, [
-                                ("inserts acknowledged per s", "inserts_per_s", None),
+                                ("inserts acknowledged per s", "inserts_per_s",
+                                 (">=w", 1.4) if publishers == 8 else None),
                                 ("inserts refused (non-200)", "refused", ("==", 0)),
                                 ("latency p50 ms", "p50_ms", None),
                                 ("latency p99 ms", "p99_ms", None),
@@ -1694,15 +1940,14 @@ def scenario_insert(bench):
                                  ("<=", 60) if publishers == 8 else None),
                                 ("client CPU %", "client_cpu_pct", None),
                                 NOISE_ROW,
-                            ], notes=["the floor's /insert writes no database: the ratio is the cost of "
-                                      "durability and HTTP parsing"]))
+                            ], notes))
     return tables
 
 
 def insert_phase(bench, server, event, batch):
     """Closed-loop inserts over BATCH_PUBLISHERS connections for --batch-seconds, one record per
     request (batch 0) or arrays of batch: records acknowledged per s and server CPU per record."""
-    meter = Meter(server.pid)
+    meter = Meter(server)
     published = publish(bench, server, 10 ** 9, bench.args.batch_seconds, event,
                         connections=BATCH_PUBLISHERS, batch=batch)
     cpu, waited = meter.read()
@@ -1727,9 +1972,9 @@ def batch_run(bench, server):
 
 def scenario_batch(bench):
     args = bench.args
-    if "broker" not in bench.kinds:
+    if bench.broker is None:
         return []
-    runs = bench.interleaved("batch", lambda server: batch_run(bench, server), kinds=["broker"])
+    runs = bench.interleaved("batch", lambda server: batch_run(bench, server), kinds=[bench.broker])
     rows = []
     for label, name in (("single", "single"), ("batch", f"batch {BATCH_RECORDS}")):
         per_request = " per request" if label == "batch" else ""
@@ -1801,10 +2046,11 @@ def sync_once(bench, server):
 
 def scenario_history(bench):
     args = bench.args
-    if "broker" not in bench.kinds:
+    if bench.broker is None:
         return []
     # Once only: loading the history takes minutes, and there is no floor to interleave with.
-    runs = bench.interleaved("history", lambda server: history_run(bench, server), kinds=["broker"], repeat=1)
+    runs = bench.interleaved("history", lambda server: history_run(bench, server), kinds=[bench.broker],
+                             repeat=1)
     return [Table(f"history: {args.history_versions:,} versions of one event, {args.history_events:,} "
                   f"distinct events (broker only)", runs, [
                       ("versions loaded", "versions", None),
@@ -1875,7 +2121,7 @@ def retention_run(bench, server, keep):
                                         else 0)
     started = time.monotonic()
     samples = [retention_sample(server, started, "0 (start)")]
-    meter = Meter(server.pid)
+    meter = Meter(server)
     client = ClientProcess(publisher_worker, port=server.port, connections=retention_connections(args),
                            count=args.retention_inserts, seconds=seconds, event="e", rate=args.retention_rate,
                            distinct=RETENTION_EVENTS, quickack=True, batch=RETENTION_BATCH, progress=step)
@@ -1909,13 +2155,13 @@ def retention_run(bench, server, keep):
 
 def scenario_retention(bench):
     args = bench.args
-    if "broker" not in bench.kinds:
+    if bench.broker is None:
         return []
     # Once each, one after the other: the load takes a while, and the floor keeps no history.
     runs = {}
     for label, extra in (("keep", ["--keep-versions", str(RETENTION_KEEP)]), ("all", [])):
         log(f"  retention: broker {' '.join(extra) or 'without retention'}")
-        with bench.server("broker", ["--sync", "normal", *extra]) as server:
+        with bench.server(bench.broker, ["--sync", "normal", *extra]) as server:
             runs[label] = retention_run(bench, server, RETENTION_KEEP if extra else None)
     keep, everything = runs["keep"], runs["all"]
     columns = ["inserts", "s", "file MiB", "wal MiB", "file+wal MiB", "versions kept", "pruned",
@@ -1949,7 +2195,8 @@ def scenario_retention(bench):
                                 "were acknowledged",
                                 "after stop: the broker has closed the database, so the WAL is "
                                 "checkpointed into the file and removed"])
-    summary = Table(f"retention: --keep-versions {RETENTION_KEEP} beside no retention", {"broker": [figures]}, [
+    summary = Table(f"retention: --keep-versions {RETENTION_KEEP} beside no retention",
+                    {bench.broker: [figures]}, [
         (f"keep {RETENTION_KEEP}: inserts acknowledged", "keep_acked", ("==", args.retention_inserts)),
         ("  inserts refused (non-200)", "keep_refused", ("==", 0)),
         ("  inserts per s", "keep_per_s", None),
@@ -1990,6 +2237,10 @@ def parse_args(argv):
                              f"but {','.join(ON_REQUEST)})")
     parser.add_argument("--servers", default="broker,floor", help="broker,floor; floor alone tests the harness")
     parser.add_argument("--broker", default=os.path.join(HERE, "broker.py"), help="path to broker.py")
+    parser.add_argument("--workers", type=comma_ints, default=[1], metavar="LIST",
+                        help=f"broker.py --workers counts, comma-separated (default 1: one process, no flag): "
+                             f"{', '.join(WORKER_SCENARIOS)} run a broker per count side by side, with "
+                             f"the ratio to 1 worker; other scenarios run the first count")
     parser.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for broker.py, repeatable (e.g. --broker-arg=--sync=normal)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the servers")
@@ -2012,6 +2263,8 @@ def parse_args(argv):
     unknown = set(args.scenarios) - set(SCENARIOS) or set(args.servers) - set(SERVERS)
     if unknown:
         parser.error(f"unknown scenario or server: {', '.join(sorted(unknown))}")
+    if not args.workers or min(args.workers) < 1 or len(set(args.workers)) < len(args.workers):
+        parser.error("--workers takes distinct counts of 1 or more, e.g. 1,2")
     if "broker" in args.servers and not os.path.isfile(args.broker):
         parser.error(f"no broker at {args.broker} (use --servers floor to test the harness alone)")
     return args
@@ -2042,6 +2295,8 @@ def run_scenarios(bench):
             print(f"== {name}: FAILED\n{traceback.format_exc()}", flush=True)
             continue
         for table in scenario_tables:
+            if bench.has_workers(getattr(table, "kinds", ())):
+                table.notes.append(WORKERS_NOTE + (RATIO_NOTE if table.scaled else ""))
             table.notes.append(f"scenario took {time.monotonic() - started:.0f} s")
             print("\n".join(table.lines()) + "\n", flush=True)
             tables.append(table)
@@ -2066,7 +2321,8 @@ def main(argv=None):
     raise_open_file_limit()
     signal.signal(signal.SIGTERM, interrupted)
     started = time.time()
-    print(f"bench_broker: {'quick' if args.quick else 'full'} run, servers {','.join(args.servers)}, "
+    workers = f" (workers {','.join(map(str, args.workers))})" if args.workers != [1] else ""
+    print(f"bench_broker: {'quick' if args.quick else 'full'} run, servers {','.join(args.servers)}{workers}, "
           f"{args.repeat} run(s) each, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n", flush=True)
     try:
