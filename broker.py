@@ -1249,7 +1249,8 @@ class Pruner:
         if self.keep_versions:
             with self._lock:
                 self._touched.update(record.event for record in records)
-        self._wake.set()
+        if self.keep_versions or self.keep_days:
+            self._wake.set()
 
     def _age_check_interval(self):
         # Without inserts, records still age past --keep-days: look again now and then.
@@ -2393,11 +2394,12 @@ class CommitLink:
 
 
 class RemoteInsert(PendingInsert):
-    """An insert a worker asked the writer for: its link and its number there."""
+    """An insert a worker asked the writer for: its link and its number there. Nobody waits on
+    it in this process (the worker does), so it has no wake lock."""
     __slots__ = ("link", "number")
 
     def __init__(self, rows, link, number):
-        super().__init__(rows)
+        self.rows, self.records, self.error, self.wake = rows, None, None, None
         self.link, self.number = link, number
 
 
