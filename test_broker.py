@@ -2124,12 +2124,39 @@ class WorkerLifeTests(unittest.TestCase):
         for pid in pids:
             self.assertFalse(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z")
 
-    def test_workers_stop_when_the_supervisor_is_killed(self):
+    def test_the_supervisor_killed_mid_insert_loses_nothing_acknowledged_and_its_workers_stop(self):
         server = WorkerBroker(self, 2)
         pids = list(server.worker_pids().values())
+        acknowledged, answers = [], []
+
+        def publish(connection):
+            for n in itertools.count():
+                try:
+                    connection.request("POST", "/insert", json.dumps({"event": "kill", "data": n}),
+                                       {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    body = json.loads(response.read())
+                except (OSError, http.client.HTTPException, ValueError):
+                    return
+                if response.status != 200:
+                    answers.append((response.status, body["error"]))
+                    return
+                acknowledged.append(body["id"])
+
+        threads = [threading.Thread(target=publish, args=(connection,))
+                   for connection in publishers_on_every_worker(server, 2).values()]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(acknowledged) > 200)
         server.process.kill()
-        server.process.wait()
+        for thread in threads:
+            thread.join(TIMEOUT)
         wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), timeout=10)
+        with contextlib.closing(sqlite3.connect(os.path.join(os.path.dirname(server.log_path), "broker.db"))) as db:
+            stored = {row[0] for row in db.execute("SELECT id FROM records")}
+        self.assertTrue(set(acknowledged) <= stored, set(acknowledged) - stored)
+        for status, error in answers:     # an insert caught in flight: 503, and said to be in doubt
+            self.assertEqual((status, error[:26]), (503, "the writer process is gone"))
 
     def test_idle_workers_use_almost_no_cpu(self):
         server = WorkerBroker(self, 4)
