@@ -2636,7 +2636,7 @@ class Supervisor:
 
     def _start(self):
         host, port = self.settings["host"], self.settings["port"]
-        self.listener = self._bound_socket(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))
+        self.listener = self._claim_port(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))
         try:
             if not self.REUSE_PORT:
                 self.listener.listen(Server.request_queue_size)
@@ -2651,6 +2651,15 @@ class Supervisor:
         self.streams = SharedStreamCounts(self.settings["max_clients"] or own_limit * self.count, own_limit, self.count)
         self.commits.start()
         self.pruner.start()
+
+    def _claim_port(self, family, address):
+        """The supervisor's socket on address. A port in use is refused as without --workers,
+        even when its holder would share it: first a socket that does not share binds it alone."""
+        with socket.socket(family) as alone:
+            alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            alone.bind(address)
+            address = alone.getsockname()       # port 0: the free one it was given
+        return self._bound_socket(family, address)
 
     def _bound_socket(self, family, address):
         sock = socket.socket(family)

@@ -2195,6 +2195,18 @@ class WorkerLifeTests(unittest.TestCase):
             self.assertEqual(len(result.stderr.splitlines()), 1)
             self.assertIn(message, result.stderr.decode())
 
+    def test_a_port_in_use_is_refused_even_when_its_holder_shares_it(self):
+        server = WorkerBroker(self, 2)       # its workers listen with SO_REUSEPORT
+        port = str(urllib.parse.urlsplit(server.url).port)
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        for workers in ("2", "1"):
+            result = subprocess.run([sys.executable, os.path.join(HERE, "broker.py"), "--port", port, "--db",
+                                     os.path.join(folder.name, "other.db"), "--workers", workers],
+                                    capture_output=True, timeout=30)
+            self.assertEqual((result.returncode, result.stderr.decode().count("\n")), (1, 1))
+            self.assertIn("Address already in use", result.stderr.decode())
+
     def test_embedding_keeps_one_process(self):
         with self.assertRaisesRegex(ValueError, "command-line feature"):
             Broker(workers=2)
