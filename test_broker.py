@@ -1918,10 +1918,11 @@ class WorkerBroker:
             pids = [int(pid) for pid in file.read().split()]
         numbers = {}
         for pid in pids:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):       # gone, or a zombie
                 with open(f"/proc/{pid}/environ", "rb") as file:
-                    seat = next(v for v in file.read().split(b"\0") if v.startswith(b"BROKER_WORKER_SEAT="))
-                numbers[json.loads(seat.split(b"=", 1)[1])["number"]] = pid
+                    seat = [v for v in file.read().split(b"\0") if v.startswith(b"BROKER_WORKER_SEAT=")]
+                if seat:                              # else forked, not yet the worker it will run
+                    numbers[json.loads(seat[0].split(b"=", 1)[1])["number"]] = pid
         return numbers
 
     def cpu_seconds(self):
