@@ -49,6 +49,7 @@ import selectors
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -136,7 +137,7 @@ LOG_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
 LOG_ESCAPES[ord("\\")] = "\\\\"
 MAX_INT64 = (1 << 63) - 1  # SQLite's largest integer
 MAX_WORKERS = 256
-LINK_TIMEOUT = 10.0        # seconds a worker or the writer may leave the other's messages unread
+LINK_TIMEOUT = 5.0         # seconds a worker or the writer may leave the other's messages unread
 INVALID_TOKEN = 'Bearer error="invalid_token"'
 NOTHING = re.compile("(?!)")       # the regex of a token that allows no event
 NOT_FINITE = "NaN and Infinity are not valid JSON (browsers cannot parse them)"
@@ -2157,7 +2158,7 @@ class Broker:
         return self
 
     def _writer_lost(self):
-        print(f"broker.py: worker {self.seat.number}: the writer process is gone; stopping", file=sys.stderr)
+        print(f"broker.py: worker {self.seat.number}: its link to the writer closed; stopping", file=sys.stderr)
         threading.Thread(target=self.stop).start()
 
     def _on_commit(self, records, seconds):
@@ -2254,7 +2255,11 @@ class Link:
     def __init__(self, sock):
         self.sock = sock
         self.closed = False
-        sock.settimeout(LINK_TIMEOUT)      # a send left unread that long: the other side is stuck
+        # A message left unread for LINK_TIMEOUT fails to send: the other side is stuck. Each
+        # blocked send() gives up after a second (SO_SNDTIMEO, kept by the kernel: a Python
+        # timeout would cost a poll() before every recv and send), and _send_all() counts them.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
         self._send_lock = threading.Lock()
         self._received = bytearray()
 
@@ -2262,11 +2267,19 @@ class Link:
         data = marshal.dumps(message)
         size = len(data).to_bytes(8, "big")
         with self._send_lock:
-            if len(data) < WRITE_BYTES:
-                self.sock.sendall(size + data)
-            else:
-                self.sock.sendall(size)
-                self.sock.sendall(data)
+            self._send_all(size + data if len(data) < WRITE_BYTES else size)
+            if len(data) >= WRITE_BYTES:
+                self._send_all(data)
+
+    def _send_all(self, data):
+        deadline, unsent = time.monotonic() + LINK_TIMEOUT, memoryview(data)
+        while unsent:
+            try:
+                unsent = unsent[self.sock.send(unsent):]
+            except BlockingIOError:      # a second went by and the other side took nothing
+                pass
+            if unsent and time.monotonic() > deadline:
+                raise TimeoutError(f"the other process read nothing for {LINK_TIMEOUT:g} s")
 
     def receive(self):
         """The next message, waiting for it; None once either end has closed the link."""
@@ -2290,19 +2303,12 @@ class Link:
         return messages
 
     def _fill(self):
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                if self.closed:
-                    return False
-                continue              # an idle link: the timeout is for sends
-            except OSError:
-                return False
-            if not data:
-                return False
-            self._received += data
-            return True
+        try:
+            data = self.sock.recv(65536)
+        except OSError:
+            return False
+        self._received += data
+        return bool(data)
 
     def _take(self):
         if len(self._received) < 8:

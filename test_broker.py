@@ -2115,6 +2115,24 @@ class WorkerLifeTests(unittest.TestCase):
         self.assertEqual(delays, ["0.1", "0.2", "0.4"])
         self.assertEqual(call(server, "GET", "/healthz")[0], 200)
 
+    def test_a_stuck_worker_holds_up_the_others_no_longer_than_the_link_timeout(self):
+        server = WorkerBroker(self, 2)
+        publishers = publishers_on_every_worker(server, 2)
+        publishers[2].close()
+        connection = publishers[1]
+        connection.sock.settimeout(broker.LINK_TIMEOUT + TIMEOUT)     # without the link timeout: forever
+        stuck = server.worker_pids()[2]
+        os.kill(stuck, signal.SIGSTOP)              # it reads no commit: the writer's sends fill its link
+        self.addCleanup(lambda: stuck in server.worker_pids().values() and os.kill(stuck, signal.SIGCONT))
+        for n in range(40):
+            connection.request("POST", "/insert", json.dumps({"event": "big", "data": "x" * 65536}),
+                               {"Content-Type": "application/json"})
+            self.assertEqual(connection.getresponse().read()[:6], b'{"id":')
+        connection.close()
+        os.kill(stuck, signal.SIGCONT)              # it finds its link closed, stops, and is replaced
+        wait_until(lambda: server.worker_pids().get(2, stuck) != stuck, timeout=10)
+        wait_until(lambda: call(server, "GET", "/healthz")[1]["workers"] == 2)
+
     def test_sigterm_stops_every_worker_and_exits_0(self):
         server = WorkerBroker(self, 3)
         pids = list(server.worker_pids().values())
