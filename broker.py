@@ -1907,10 +1907,7 @@ class Handler(HTTPHandler):
     def _sync(self, broker, wants):
         """Write the sync (or the resume's replay) and the id-only block; return its cursor.
         Nothing is sent before the first page is read, so a database error is still a 503."""
-        with broker.hub.changed:
-            newest = broker.hub.newest
-        if broker.seat:      # what another worker acknowledged may not have reached this one yet
-            newest = broker.hub.wait_until(broker.store.newest_id())
+        newest = broker.newest_id()
         resume = self._resume_id(newest)
         if resume is None and wants == EVERYTHING:
             self._send_full_sync(broker, newest)
@@ -2013,7 +2010,7 @@ class Handler(HTTPHandler):
 
     def get_healthz(self):
         broker = self.server.broker
-        health = {"status": "ok", "subscribers": broker.streams.total(), "last_id": broker.hub.newest,
+        health = {"status": "ok", "subscribers": broker.streams.total(), "last_id": broker.newest_id(),
                   "workers": broker.streams.workers()}
         if broker.seat:
             health["worker"] = broker.seat.number
@@ -2156,6 +2153,14 @@ class Broker:
         self._server.watchdog.start()
         threading.Thread(target=self._server.serve_forever, name="broker-accept", daemon=True).start()
         return self
+
+    def newest_id(self):
+        """The newest id this broker's hub has, and so its streams: in a worker, once the hub
+        has every record acknowledged so far by any worker (on its way here, or here already)."""
+        if self.seat is None:
+            with self.hub.changed:
+                return self.hub.newest
+        return self.hub.wait_until(self.store.newest_id())
 
     def _writer_lost(self):
         print(f"broker.py: worker {self.seat.number}: its link to the writer closed; stopping", file=sys.stderr)

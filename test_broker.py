@@ -47,6 +47,15 @@ def temp_db(test_class):
 
 
 def start_broker(test_class, **options):
+    """A broker for test_class: embedded, or with test_class.WORKERS set, python broker.py
+    --workers N (the same tests, run against several processes)."""
+    if getattr(test_class, "WORKERS", None):
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
+        server = WorkerBroker(test_class.addClassCleanup, test_class.WORKERS, "--quiet", *flags)
+        server.publish_token, server.subscribe_token = options.get("publish_token"), options.get("subscribe_token")
+        if "jwt_secret" in options:
+            server.token = broker.make_jwt(options["jwt_secret"], publish=["*"], subscribe=["*"])
+        return server
     options.setdefault("db", temp_db(test_class))
     started = Broker(port=0, quiet=True, **options).start()
     test_class.addClassCleanup(started.stop)
@@ -1600,7 +1609,9 @@ class RoutingTests(unittest.TestCase):
         record = self.broker.publish(unique_event(self), 1)
         status, body, _ = call(self.broker, "GET", "/healthz")
         self.assertEqual(status, 200)
-        self.assertEqual(body, {"status": "ok", "subscribers": 0, "last_id": record["id"], "workers": 1})
+        workers = getattr(self, "WORKERS", 1)
+        self.assertEqual(body.pop("worker", None) in range(1, workers + 1), workers > 1)   # which one answered
+        self.assertEqual(body, {"status": "ok", "subscribers": 0, "last_id": record["id"], "workers": workers})
         with EventStream(self.broker) as stream:
             stream.read_sync()
             self.assertEqual(call(self.broker, "GET", "/healthz")[1]["subscribers"], 1)
@@ -1892,19 +1903,46 @@ class ThreadPoolTests(unittest.TestCase):
 
 
 class WorkerBroker:
-    """python broker.py --workers N in a subprocess, on a real SQLite file; its access log kept."""
+    """python broker.py --workers N in a subprocess, on a real SQLite file; its access log kept.
+    Its publish(), publish_many(), audit(), subscribe() and hub.newest go over HTTP, so the
+    tests written for an embedded Broker run against it too."""
 
-    def __init__(self, test, workers, *args):
+    def __init__(self, add_cleanup, workers, *args):
         folder = tempfile.TemporaryDirectory()
-        test.addCleanup(folder.cleanup)
+        add_cleanup(folder.cleanup)
         self.log_path = os.path.join(folder.name, "access.log")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", "--workers", str(workers),
                  "--db", os.path.join(folder.name, "broker.db"), *args], stdout=subprocess.PIPE, stderr=log)
-        test.addCleanup(self.stop)
+        add_cleanup(self.stop)
         self.line = self.process.stdout.readline().decode()
         self.url = self.line.split()[3]
+        self.hub = self
+        self.publish_token = self.subscribe_token = self.token = None             # what publish() and audit() send, as an embedded Broker needs none
+
+    @property
+    def newest(self):
+        """The newest id, from the id-only block of a sync: a sync holds every acknowledged insert."""
+        with EventStream(self, "/events?event=-") as stream:
+            return stream.read_sync()[1]
+
+    def publish(self, event, data):
+        return broker.publish_to(self.url, event, data, token=self.token or self.publish_token)
+
+    def publish_many(self, items):
+        return broker.publish_many(self.url, items, token=self.token or self.publish_token)
+
+    def audit(self, event, since=0, limit=None):
+        query = urllib.parse.urlencode({"since": since, **({"limit": limit} if limit is not None else {})})
+        status, body, _ = call(self, "GET", f"/audit/{urllib.parse.quote(event, safe='')}?{query}",
+                               headers=broker.bearer(self.token or self.subscribe_token))
+        if status != 200:
+            raise broker.RequestError(status, body["error"])
+        return body
+
+    def subscribe(self, events=None, last_event_id=None, timeout=None, token=None, match=None):
+        return broker.subscribe(self.url, events, last_event_id, timeout, token, match)
 
     def stop(self):
         if self.process.poll() is None:
@@ -1969,11 +2007,7 @@ class WorkersTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.broker = WorkerBroker(cls, 3)
-
-    @classmethod
-    def addCleanup(cls, function, *args):      # WorkerBroker's cleanups, at class level
-        cls.addClassCleanup(function, *args)
+        cls.broker = WorkerBroker(cls.addClassCleanup, 3)
 
     def test_prints_one_line_once_every_worker_is_ready(self):
         self.assertRegex(self.broker.line, r"^broker listening on http://127\.0\.0\.1:\d+ \(db .*broker\.db, 3 workers\)\n$")
@@ -2075,7 +2109,7 @@ class WorkerLifeTests(unittest.TestCase):
     """Workers that die, a supervisor that stops, options refused before any worker starts."""
 
     def test_a_killed_worker_is_replaced_and_its_streams_resume_on_the_others(self):
-        server = WorkerBroker(self, 3)
+        server = WorkerBroker(self.addCleanup, 3)
         name = unique_event(self)
         streams = streams_on_every_worker(server, 3, f"/events?event={name}")
         for stream in streams:
@@ -2105,7 +2139,7 @@ class WorkerLifeTests(unittest.TestCase):
             self.assertRegex(log.read(), rf"worker {victim} was killed by SIGKILL; starting another in [\d.]+ s")
 
     def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly(self):
-        server = WorkerBroker(self, 2)
+        server = WorkerBroker(self.addCleanup, 2)
         for _ in range(3):
             pid = server.worker_pids()[2]
             os.kill(pid, signal.SIGKILL)
@@ -2116,7 +2150,7 @@ class WorkerLifeTests(unittest.TestCase):
         self.assertEqual(call(server, "GET", "/healthz")[0], 200)
 
     def test_a_stuck_worker_holds_up_the_others_no_longer_than_the_link_timeout(self):
-        server = WorkerBroker(self, 2)
+        server = WorkerBroker(self.addCleanup, 2)
         publishers = publishers_on_every_worker(server, 2)
         publishers[2].close()
         connection = publishers[1]
@@ -2134,7 +2168,7 @@ class WorkerLifeTests(unittest.TestCase):
         wait_until(lambda: call(server, "GET", "/healthz")[1]["workers"] == 2)
 
     def test_sigterm_stops_every_worker_and_exits_0(self):
-        server = WorkerBroker(self, 3)
+        server = WorkerBroker(self.addCleanup, 3)
         pids = list(server.worker_pids().values())
         stream = EventStream(server)
         self.addCleanup(stream.close)
@@ -2144,7 +2178,7 @@ class WorkerLifeTests(unittest.TestCase):
             self.assertFalse(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z")
 
     def test_the_supervisor_killed_mid_insert_loses_nothing_acknowledged_and_its_workers_stop(self):
-        server = WorkerBroker(self, 2)
+        server = WorkerBroker(self.addCleanup, 2)
         pids = list(server.worker_pids().values())
         acknowledged, answers = [], []
 
@@ -2178,7 +2212,7 @@ class WorkerLifeTests(unittest.TestCase):
             self.assertEqual((status, error[:26]), (503, "the writer process is gone"))
 
     def test_idle_workers_use_almost_no_cpu(self):
-        server = WorkerBroker(self, 4)
+        server = WorkerBroker(self.addCleanup, 4)
         time.sleep(1.0)                  # past start-up
         before, started = server.cpu_seconds(), time.monotonic()
         time.sleep(4.0)
@@ -2186,7 +2220,7 @@ class WorkerLifeTests(unittest.TestCase):
         self.assertLess(share, 0.01)     # of one core, for the supervisor and four workers together
 
     def test_max_clients_counts_the_streams_of_every_worker(self):
-        server = WorkerBroker(self, 2, "--max-clients", "4")
+        server = WorkerBroker(self.addCleanup, 2, "--max-clients", "4")
         streams = [EventStream(server) for _ in range(4)]
         self.addCleanup(lambda: [stream.close() for stream in streams])
         self.assertEqual([stream.status for stream in streams], [200] * 4)
@@ -2215,7 +2249,7 @@ class WorkerLifeTests(unittest.TestCase):
             self.assertIn(message, result.stderr.decode())
 
     def test_a_port_in_use_is_refused_even_when_its_holder_shares_it(self):
-        server = WorkerBroker(self, 2)       # its workers listen with SO_REUSEPORT
+        server = WorkerBroker(self.addCleanup, 2)       # its workers listen with SO_REUSEPORT
         port = str(urllib.parse.urlsplit(server.url).port)
         folder = tempfile.TemporaryDirectory()
         self.addCleanup(folder.cleanup)
@@ -2231,6 +2265,46 @@ class WorkerLifeTests(unittest.TestCase):
             Broker(workers=2)
         with Broker(db=":memory:", port=0, quiet=True, workers=1) as server:
             self.assertEqual(call(server, "GET", "/healthz")[1]["workers"], 1)
+
+
+class WorkerInsertTests(InsertTests):
+    WORKERS = 3
+
+
+class WorkerEventsTests(EventsTests):
+    WORKERS = 3
+
+
+class WorkerMatchTests(MatchTests):
+    WORKERS = 3
+
+
+class WorkerBatchInsertTests(BatchInsertTests):
+    WORKERS = 3
+
+
+class WorkerAuditTests(AuditTests):
+    WORKERS = 3
+
+
+class WorkerTokenTests(TokenTests):
+    WORKERS = 3
+
+
+class WorkerJwtTests(JwtTests):
+    WORKERS = 3
+
+
+class WorkerCorsTests(CorsTests):
+    WORKERS = 3
+
+
+class WorkerRoutingTests(RoutingTests):
+    WORKERS = 3
+
+
+class WorkerFramingTests(FramingTests):
+    WORKERS = 3
 
 
 class CommandLineTests(unittest.TestCase):
