@@ -2267,44 +2267,11 @@ class WorkerLifeTests(unittest.TestCase):
             self.assertEqual(call(server, "GET", "/healthz")[1]["workers"], 1)
 
 
-class WorkerInsertTests(InsertTests):
-    WORKERS = 3
-
-
-class WorkerEventsTests(EventsTests):
-    WORKERS = 3
-
-
-class WorkerMatchTests(MatchTests):
-    WORKERS = 3
-
-
-class WorkerBatchInsertTests(BatchInsertTests):
-    WORKERS = 3
-
-
-class WorkerAuditTests(AuditTests):
-    WORKERS = 3
-
-
-class WorkerTokenTests(TokenTests):
-    WORKERS = 3
-
-
-class WorkerJwtTests(JwtTests):
-    WORKERS = 3
-
-
-class WorkerCorsTests(CorsTests):
-    WORKERS = 3
-
-
-class WorkerRoutingTests(RoutingTests):
-    WORKERS = 3
-
-
-class WorkerFramingTests(FramingTests):
-    WORKERS = 3
+# The endpoint tests once more, against python broker.py --workers 3 (start_broker() reads WORKERS).
+for _tests in (InsertTests, EventsTests, MatchTests, BatchInsertTests, AuditTests, TokenTests, JwtTests,
+               CorsTests, RoutingTests, FramingTests):
+    globals()["Worker" + _tests.__name__] = type("Worker" + _tests.__name__, (_tests,), {"WORKERS": 3})
+del _tests
 
 
 class CommandLineTests(unittest.TestCase):
