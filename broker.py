@@ -2338,7 +2338,7 @@ class CommitLink:
     """In a worker: the inserts of its clients, committed by the writer process (CommitServer),
     and every commit of every worker coming back to on_commit in commit order, so the hub learns
     of each at once. Same insert()/insert_many() as Store. self._lock guards self._waiting
-    (request number -> PendingInsert), self._next and self._gone."""
+    (request number -> PendingInsert), self._next, self._gone and self._closing."""
 
     def __init__(self, sock, on_commit, lost):
         self._link = Link(sock)
@@ -2364,8 +2364,8 @@ class CommitLink:
 
     def close(self, timeout=LINK_TIMEOUT):
         """Wait (up to timeout) for the answers to inserts asked already, then close the link."""
-        self._closing = True
         with self._drained:
+            self._closing = True          # no insert is asked from now on
             self._drained.wait_for(lambda: not self._waiting, timeout)
         self._link.close()
 
@@ -2377,6 +2377,8 @@ class CommitLink:
         """Store [(event, data)] in one transaction, all or none; return the records once committed."""
         pending = PendingInsert(rows)
         with self._lock:
+            if self._closing:
+                raise StoreError("the broker is shutting down")
             if self._gone:
                 raise StoreError("the writer process is gone; this worker is stopping")
             number, self._next = self._next, self._next + 1
