@@ -40,6 +40,7 @@ test-metrics:
 	[ -x .venv/bin/python ] || $(PYTHON) -m venv .venv
 	.venv/bin/python -c "import prometheus_client" 2>/dev/null || .venv/bin/pip install -q prometheus_client
 	.venv/bin/python -m unittest -v deploy/test_metrics.py
+	BROKER_TEST_WORKERS=2 .venv/bin/python -m unittest -v deploy/test_metrics.py
 
 BENCH_ARGS ?=
 

@@ -15,11 +15,11 @@ In file order: OPTIONS and small helpers (JSON, validation, JWT); Record and Eve
 the SQLite file (one write connection with group commit, read connections, pages bounded in
 bytes); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
 with blocking writes; StreamCounts and Fanout, the one thread writing every live stream; Pruner,
-history retention; Watchdog and ThreadPool (request deadlines, reused threads); Metrics, for GET
-/metrics; Server; HTTPHandler, HTTP without the broker, and Handler, the endpoints; Broker, what
-main() and embedding programs use; the processes of --workers (Link, CommitLink in a worker,
-CommitServer in the supervisor, SharedStreamCounts, Supervisor); the client (publish_to,
-subscribe, EventStreamParser); main() and run().
+history retention; Watchdog and ThreadPool (request deadlines, reused threads); Metrics (and
+SharedMetrics, one row per process), for GET /metrics; Server; HTTPHandler, HTTP without the
+broker, and Handler, the endpoints; Broker, what main() and embedding programs use; the processes
+of --workers (Link, CommitLink in a worker, CommitServer in the supervisor, SharedStreamCounts,
+Supervisor); the client (publish_to, subscribe, EventStreamParser); main() and run().
 """
 __all__ = ["Broker", "RequestError", "main", "publish_many", "publish_to", "run", "subscribe"]
 
@@ -1408,9 +1408,24 @@ class ThreadPool:
                 job = self._jobs.get()        # a job was promised as the wait ran out
 
 
+def metric_slots(names, histograms, statuses):
+    """{(name, status, bucket or "sum", or None): slot}: where each figure of Metrics is kept."""
+    slots = {}
+    for name in names:
+        if name in histograms:
+            keys = [*range(len(histograms[name]) + 1), "sum"]
+        else:
+            keys = statuses if name == "broker_inserts_refused_total" else [None]
+        slots.update(((name, key), len(slots)) for key in keys)
+    return slots
+
+
 class Metrics:
     """What GET /metrics reports: counters, and histograms with fixed buckets, in the Prometheus
-    text format 0.0.4. No label names an event or a client. self._lock guards both dicts."""
+    text format 0.0.4. No label names an event or a client. Each figure is one integer slot of
+    self.values (a sum of seconds is kept in nanoseconds), so under --workers every process can
+    keep its own in a shared file and render the sum of all (SharedMetrics). self._lock guards
+    this process's slots."""
 
     HISTOGRAMS = {
         "broker_commit_duration_seconds": (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
@@ -1426,44 +1441,77 @@ class Metrics:
         "broker_commit_duration_seconds": "time to write and commit one group of inserts",
         "broker_commit_rows": "records per group commit",
     }
+    STATUSES = range(400, 600)            # a refusal is counted by its status
+    SLOTS = metric_slots(HELP, HISTOGRAMS, STATUSES)
 
-    def __init__(self):
+    def __init__(self, values=None):
+        self.values = memoryview(bytearray(8 * len(self.SLOTS))).cast("q") if values is None else values
         self._lock = threading.Lock()
-        self._counts = collections.Counter({(name, ""): 0 for name in self.HELP
-                                            if name.endswith("_total") and name != "broker_inserts_refused_total"})
-        self._buckets = {name: [0] * (len(bounds) + 1) for name, bounds in self.HISTOGRAMS.items()}
-        self._sums = dict.fromkeys(self.HISTOGRAMS, 0.0)
 
-    def add(self, name, amount=1, labels=""):
+    def add(self, name, amount=1, status=None):
         if amount:
             with self._lock:
-                self._counts[name, labels] += amount
+                self.values[self.SLOTS[name, status]] += amount
 
     def observe(self, name, value):
-        index = bisect.bisect_left(self.HISTOGRAMS[name], value)
+        bucket = bisect.bisect_left(self.HISTOGRAMS[name], value)
         with self._lock:
-            self._buckets[name][index] += 1
-            self._sums[name] += value
+            self.values[self.SLOTS[name, bucket]] += 1
+            self.values[self.SLOTS[name, "sum"]] += round(value * 1e9) if name.endswith("_seconds") else value
+
+    def totals(self):
+        """Every slot's value: this process's."""
+        with self._lock:
+            return list(self.values)
 
     def render(self, gauges):
         """The exposition: every counter and histogram, then gauges [(name, help, value)]."""
-        with self._lock:
-            counts, buckets, sums = dict(self._counts), {k: list(v) for k, v in self._buckets.items()}, dict(self._sums)
+        totals = self.totals()
         lines = []
         for name in self.HELP:
             kind = "counter" if name.endswith("_total") else "histogram"
             lines += [f"# HELP {name} {self.HELP[name]}", f"# TYPE {name} {kind}"]
-            if kind == "counter":
-                lines += [f"{name}{labels} {value}" for (counted, labels), value in sorted(counts.items()) if counted == name]
-                continue
-            total = 0
-            for bound, count in zip(self.HISTOGRAMS[name] + ("+Inf",), buckets[name]):
-                total += count
-                lines.append(f'{name}_bucket{{le="{bound}"}} {total}')
-            lines += [f"{name}_sum {sums[name]}", f"{name}_count {total}"]
+            if name == "broker_inserts_refused_total":
+                lines += [f'{name}{{status="{status}"}} {totals[self.SLOTS[name, status]]}'
+                          for status in self.STATUSES if totals[self.SLOTS[name, status]]]
+            elif kind == "counter":
+                lines.append(f"{name} {totals[self.SLOTS[name, None]]}")
+            else:
+                lines += self._histogram_lines(name, totals)
         for name, help_text, kind, value in gauges:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return ("\n".join(lines) + "\n").encode()
+
+    def _histogram_lines(self, name, totals):
+        lines, count = [], 0
+        for bucket, bound in enumerate(self.HISTOGRAMS[name] + ("+Inf",)):
+            count += totals[self.SLOTS[name, bucket]]
+            lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+        total = totals[self.SLOTS[name, "sum"]]
+        return lines + [f"{name}_sum {total / 1e9 if name.endswith('_seconds') else total}", f"{name}_count {count}"]
+
+
+class SharedMetrics(Metrics):
+    """The Metrics of the whole broker under --workers: a file every process maps, one row of
+    slots per process (row 0 the supervisor's, which counts commits and pruning; row k worker
+    k's), and /metrics renders the sum of the rows. A row outlives its worker: the one that
+    replaces it counts on, so no counter goes back."""
+
+    def __init__(self, rows, fd=None, row=0):
+        size = 8 * len(self.SLOTS) * rows
+        if fd is None:                # the supervisor makes it; workers inherit the descriptor
+            self._file = tempfile.TemporaryFile()
+            fd = self._file.fileno()
+            os.ftruncate(fd, size)
+        self.fd, self.rows = fd, rows
+        self._table = memoryview(mmap.mmap(fd, size)).cast("q")
+        super().__init__(self._table[row * len(self.SLOTS):(row + 1) * len(self.SLOTS)])
+
+    def totals(self):
+        """Every slot's value, added up over the rows (an aligned 8-byte read never tears)."""
+        width = len(self.SLOTS)
+        table = self._table.tolist()
+        return [sum(table[slot::width]) for slot in range(width)]
 
 
 def process_gauges():
@@ -1999,7 +2047,7 @@ class Handler(HTTPHandler):
 
     def _refuse(self, status, message, headers=()):
         if self.command == "POST" and self._target_path() == "/insert":
-            self.server.broker.metrics.add("broker_inserts_refused_total", 1, f'{{status="{status}"}}')
+            self.server.broker.metrics.add("broker_inserts_refused_total", status=status)
         super()._refuse(status, message, headers)
 
     def _target_path(self):
@@ -2122,6 +2170,8 @@ class Broker:
         """Open the database, listen, and serve in background threads; return self. A worker
         process of --workers passes its WorkerSeat: the writer commits its inserts."""
         self.seat = seat
+        if seat:
+            self.metrics = seat.metrics
         if self.db != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.db)), exist_ok=True)
         if self.static is not None and not os.path.isdir(self.static):
@@ -2169,6 +2219,8 @@ class Broker:
     def _on_commit(self, records, seconds):
         self.hub.publish(records)
         self.pruner.note(records)
+        if self.seat:
+            return                    # the supervisor counts commits, once for every worker
         self.metrics.add("broker_inserts_total", len(records))
         self.metrics.observe("broker_commit_duration_seconds", seconds)
         self.metrics.observe("broker_commit_rows", len(records))
@@ -2177,7 +2229,7 @@ class Broker:
         """GET /metrics: the Prometheus text exposition."""
         return self.metrics.render([
             ("broker_streams_open", "open /events streams", "gauge", self.streams.total()),
-            ("broker_newest_id", "the newest record id", "gauge", self.hub.newest),
+            ("broker_newest_id", "the newest record id", "gauge", self.newest_id()),
             ("broker_database_bytes", "the database's size on disk", "gauge", self.store.size_bytes()),
             *process_gauges()])
 
@@ -2397,10 +2449,10 @@ class CommitLink:
             message = self._link.receive()
             if message is None:
                 break
-            _, rows, seconds, answers = message
+            _, rows, answers = message
             records = [Record(*row) for row in marshal.loads(rows)]
             if records:
-                self._on_commit(records, seconds)     # the hub first: an answered insert is visible
+                self._on_commit(records, None)        # the hub first: an answered insert is visible
             for number, start, end, error in answers:
                 with self._lock:
                     pending = self._waiting.pop(number)
@@ -2437,8 +2489,8 @@ class CommitServer:
     records, in commit order. self._lock guards self._joining and self._closed; the rest belongs
     to the thread."""
 
-    def __init__(self, store, on_join):
-        self.store = store
+    def __init__(self, store, metrics, on_join):
+        self.store, self.metrics = store, metrics
         self._on_join = on_join          # called with a worker's number once it gets every commit
         self._lock = threading.Lock()
         self._joining = []               # (Link, worker number) not yet watched
@@ -2524,10 +2576,13 @@ class CommitServer:
                 answers[pending.link].append((pending.number, 0, 0, str(pending.error)))
         if records:
             self._newest = records[-1].id
+            self.metrics.add("broker_inserts_total", len(records))
+            self.metrics.observe("broker_commit_duration_seconds", seconds)
+            self.metrics.observe("broker_commit_rows", len(records))
         rows = marshal.dumps([tuple(record) for record in records])     # encoded once for every worker
         for link in list(self._links):
             if records or link in answers:
-                self._send(link, ("commit", rows, seconds, answers.get(link, [])))
+                self._send(link, ("commit", rows, answers.get(link, [])))
 
     def _welcome(self, link, number):
         if not link.closed and self._send(link, ("welcome", self._newest)):
@@ -2622,6 +2677,7 @@ class WorkerSeat(typing.NamedTuple):
     listener: socket.socket       # the supervisor's listening socket, shared by every worker
     link: socket.socket           # its end of the socket pair to the writer
     streams: SharedStreamCounts
+    metrics: SharedMetrics
 
 
 class Supervisor:
@@ -2671,8 +2727,9 @@ class Supervisor:
         except BaseException:
             self.listener.close()
             raise
-        self.pruner = Pruner(self.store, self.settings["keep_versions"], self.settings["keep_days"], Metrics())
-        self.commits = CommitServer(self.store, on_join=lambda number: self._events.put(("ready", number)))
+        self.metrics = SharedMetrics(rows=1 + self.count)
+        self.pruner = Pruner(self.store, self.settings["keep_versions"], self.settings["keep_days"], self.metrics)
+        self.commits = CommitServer(self.store, self.metrics, on_join=lambda number: self._events.put(("ready", number)))
         own_limit = default_max_clients()
         self.streams = SharedStreamCounts(self.settings["max_clients"] or own_limit * self.count, own_limit, self.count)
         self.commits.start()
@@ -2738,12 +2795,12 @@ class Supervisor:
         self.commits.serve(ours, number)
         seat = {"number": number, "workers": self.count, "listener": listener.fileno(),
                 "link": theirs.fileno(), "streams": self.streams.fd, "limit": self.streams.limit,
-                "own_limit": self.streams.own_limit, "settings": self.settings}
+                "own_limit": self.streams.own_limit, "metrics": self.metrics.fd, "settings": self.settings}
         self._started[number] = time.monotonic()
         try:
             process = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__)], stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, self.WORKER_ENV: json.dumps(seat)}, pass_fds=(seat["listener"], seat["link"], seat["streams"]))
+                env={**os.environ, self.WORKER_ENV: json.dumps(seat)}, pass_fds=(seat["listener"], seat["link"], seat["streams"], seat["metrics"]))
         except OSError as error:      # out of processes or memory, say: try again later
             self._processes[number] = None
             self._events.put(("exited", number, None, f"could not start ({error})"))
@@ -2802,10 +2859,11 @@ def serve_as_worker(seat_json):
     """A worker process of --workers: an ordinary Broker on the supervisor's socket."""
     seat = json.loads(seat_json)
     streams = SharedStreamCounts(seat["limit"], seat["own_limit"], seat["workers"], seat["streams"], seat["number"])
+    metrics = SharedMetrics(1 + seat["workers"], seat["metrics"], seat["number"])
     broker = Broker(**{**seat["settings"], "workers": 1})
     try:
         broker.start(WorkerSeat(seat["number"], seat["workers"], socket.socket(fileno=seat["listener"]),
-                                socket.socket(fileno=seat["link"]), streams))
+                                socket.socket(fileno=seat["link"]), streams, metrics))
     except (OSError, ValueError, sqlite3.Error, StoreError) as error:
         print(f"broker.py: worker {seat['number']}: error: {error}", file=sys.stderr)
         return 1

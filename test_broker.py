@@ -2117,6 +2117,7 @@ class WorkerLifeTests(unittest.TestCase):
         victim = streams[-1].headers["Broker-Worker"]
         old_pid = server.worker_pids()[int(victim)]
         sent = [insert(server, {"event": name, "data": n})[1]["id"] for n in range(5)]
+        delivered = metric(server, "broker_records_delivered_total")
         os.kill(old_pid, signal.SIGKILL)
         wait_until(lambda: not os.path.exists(f"/proc/{old_pid}"))     # reaped: its sockets are closed
         sent += [insert(server, {"event": name, "data": n})[1]["id"] for n in range(5, 30)]    # meanwhile
@@ -2135,6 +2136,7 @@ class WorkerLifeTests(unittest.TestCase):
                 self.assertEqual(received, sent)
         wait_until(lambda: call(server, "GET", "/healthz")[1]["workers"] == 3, timeout=10)
         self.assertNotEqual(server.worker_pids().get(int(victim)), old_pid)
+        self.assertGreaterEqual(metric(server, "broker_records_delivered_total"), delivered)   # kept, not reset
         with open(server.log_path) as log:
             self.assertRegex(log.read(), rf"worker {victim} was killed by SIGKILL; starting another in [\d.]+ s")
 
@@ -2269,7 +2271,7 @@ class WorkerLifeTests(unittest.TestCase):
 
 # The endpoint tests once more, against python broker.py --workers 3 (start_broker() reads WORKERS).
 for _tests in (InsertTests, EventsTests, MatchTests, BatchInsertTests, AuditTests, TokenTests, JwtTests,
-               CorsTests, RoutingTests, FramingTests):
+               CorsTests, RoutingTests, FramingTests, MetricsTests):
     globals()["Worker" + _tests.__name__] = type("Worker" + _tests.__name__, (_tests,), {"WORKERS": 3})
 del _tests
 

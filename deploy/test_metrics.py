@@ -10,7 +10,8 @@ ships, and every line of it must be a sample that parser returns. The tests chec
 their types, then that each counter moves by exactly what the test did (inserts, refusals, a
 stream's sync and a live record, pruning), and that no event name reaches the exposition.
 prometheus_client is a test-only dependency: broker.py never imports it. Without it the tests are
-skipped, or fail when CI=true.
+skipped, or fail when CI=true. With BROKER_TEST_WORKERS=N (make test-metrics runs both), each broker
+runs with --workers N: every scrape, whichever worker answers it, counts the whole broker.
 """
 import http.client
 import json
@@ -36,6 +37,7 @@ except ImportError as err:      # reported by setUpModule: a skip, or under CI a
 
 BROKER_PY = HERE.parent / "broker.py"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+WORKERS = os.environ.get("BROKER_TEST_WORKERS")   # set: every broker runs with --workers this many
 TOKEN = "metrics-test-subscribe-token"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SETTLE = 5.0        # seconds a counter updated off the request's thread has to show the change
@@ -71,8 +73,9 @@ class BrokerProcess:
 
     def __init__(self, *args):
         self.dir = tempfile.mkdtemp(prefix="broker-metrics-")
+        workers = ["--workers", WORKERS] if WORKERS else []
         self.child = Child("broker.py", [sys.executable, str(BROKER_PY), "--port", "0",
-                                         "--db", f"{self.dir}/broker.db", "--quiet", *args], "stdout")
+                                         "--db", f"{self.dir}/broker.db", "--quiet", *workers, *args], "stdout")
         try:
             line = self.child.wait_for_line("broker listening on", timeout=10)
             self.port = int(re.search(r"http://127\.0\.0\.1:(\d+)", line).group(1))
