@@ -2767,27 +2767,31 @@ class Supervisor:
         return sock
 
     def _supervise(self):
+        """Take events until a signal's (return 0) or a worker's failure to start (return 1)."""
         ready, announced = set(), False
         while True:
-            kind, *args = self._events.get()
+            kind, *details = self._events.get()
             if kind == "stop":
                 return 0
             if kind == "ready":
-                self.streams.mark(args[0], running=True)
-                ready.add(args[0])
+                self.streams.mark(details[0], running=True)
+                ready.add(details[0])
                 if len(ready) == self.count and not announced:
                     announced = True
                     host, port = self.listener.getsockname()[:2]
                     print(f"broker listening on {http_url(host, port)} (db {self.settings['db']},"
                           f" {self.count} workers)", flush=True)
-            elif kind == "exited" and self._processes.get(args[0]) is args[1]:
-                self.streams.mark(args[0], running=False)
+            elif kind == "exited":
+                number, process, reason = details
+                if self._processes.get(number) is not process:
+                    continue                  # not the worker now in that seat
+                self.streams.mark(number, running=False)
                 if not announced:
-                    print(f"broker.py: error: worker {args[0]} {args[2]} while starting", file=sys.stderr)
+                    print(f"broker.py: error: worker {number} {reason} while starting", file=sys.stderr)
                     return 1
-                self._schedule_restart(args[0], args[2])
+                self._schedule_restart(number, reason)
             elif kind == "restart":
-                self._spawn(args[0])
+                self._spawn(details[0])
 
     def _spawn(self, number):
         ours, theirs = socket.socketpair()
