@@ -813,15 +813,17 @@ class Frame(typing.NamedTuple):
 class Hub:
     """Committed records on their way to subscribers.
 
-    self.changed guards newest, closed and the ring of recent frames. The committer notifies it
-    after each commit (publish) and Broker.stop() after close(); the fan-out writer waits on it.
+    self.changed guards newest, closed, quiet, the count of waiters and the ring of recent
+    frames. The committer notifies it after each commit (publish; not while quiet, when only
+    a waiter in wait_until() would care) and Broker.stop() after close(); the fan-out writer
+    and wait_until() wait on it.
     """
 
     def __init__(self, newest_id):
         self.changed = threading.Condition()
         self.newest = newest_id
         self.closed = False
-        self.quiet = False          # set by the fan-out writer when nobody but wait_until() needs a publish's notify
+        self.quiet = False          # set by the fan-out writer while it has no stream to write
         self._waiting = 0           # threads in wait_until()
         self._ring = collections.deque()
         self._ring_bytes = 0
