@@ -2140,6 +2140,56 @@ class WorkerLifeTests(unittest.TestCase):
         with open(server.log_path) as log:
             self.assertRegex(log.read(), rf"worker {victim} was killed by SIGKILL; starting another in [\d.]+ s")
 
+    def test_workers_killed_one_by_one_under_load_lose_nothing_and_repeat_nothing(self):
+        server = WorkerBroker(self.addCleanup, 3, "--quiet")
+        name = unique_event(self)
+        acknowledged, stop = [], threading.Event()
+
+        def publish():
+            connection = None
+            for n in itertools.count():
+                if stop.is_set():
+                    return
+                try:
+                    connection = connection or http.client.HTTPConnection(*address(server), timeout=TIMEOUT)
+                    connection.request("POST", "/insert", json.dumps({"event": name, "data": n}),
+                                       {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    body = json.loads(response.read())
+                    if response.status == 200:
+                        acknowledged.append(body["id"])
+                except (OSError, http.client.HTTPException, ValueError):
+                    connection = None          # its worker died: a new connection lands on another
+
+        def read(got, last):            # live from the start, through every kill, until the last insert
+            for record in server.subscribe(events=[name], timeout=TIMEOUT * 2):
+                got.append(record["id"])
+                if last and got[-1] >= last[0]:
+                    return
+
+        received, last = [[] for _ in range(4)], []
+        readers = [threading.Thread(target=read, args=(got, last)) for got in received]
+        for thread in readers:
+            thread.start()
+        wait_until(lambda: call(server, "GET", "/healthz")[1]["subscribers"] == 4)
+        publishers = [threading.Thread(target=publish) for _ in range(3)]
+        for thread in publishers:
+            thread.start()
+        for number in (1, 2, 3, 1):
+            wait_until(lambda: number in server.worker_pids(), timeout=10)
+            time.sleep(0.3)
+            os.kill(server.worker_pids()[number], signal.SIGKILL)
+        time.sleep(0.3)
+        stop.set()
+        for thread in publishers:
+            thread.join()
+        last.append(max(acknowledged))
+        server.publish(name, "last")     # a reader that has everything already ends on this one
+        for thread, got in zip(readers, received):
+            thread.join(TIMEOUT * 3)
+            self.assertEqual(got, sorted(set(got)))           # in order, nothing twice
+            self.assertEqual(set(acknowledged) - set(got), set())
+
     def test_a_worker_that_keeps_dying_is_restarted_ever_more_slowly(self):
         server = WorkerBroker(self.addCleanup, 2)
         for _ in range(3):
