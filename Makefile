@@ -6,8 +6,11 @@ PORT ?= 8080
 run:
 	$(PYTHON) broker.py --port $(PORT)
 
+# The tests run in .venv/ when it exists: deploy/install-postgres.sh puts psycopg there.
+TEST_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,$(PYTHON))
+
 test:
-	$(PYTHON) -m unittest -v test_broker
+	$(TEST_PYTHON) -m unittest -v test_broker test_postgres
 
 insert:
 	curl -s localhost:$(PORT)/insert -H 'Content-Type: application/json' \

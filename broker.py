@@ -158,7 +158,7 @@ class RequestError(ValueError):
 
 
 class StoreError(Exception):
-    """The database refused a write (read-only, disk full, closed): the insert is not stored."""
+    """The database cannot do it now (read-only, disk full, unreachable, closing): a 503."""
 
 
 def now_us():
@@ -450,20 +450,98 @@ class PendingInsert:
         self.wake.acquire()
 
 
-class Store:
-    """The SQLite file. Knows SQL, knows nothing of HTTP. A worker of --workers opens it with
-    writes=False, to read: the supervisor's CommitServer commits for every worker.
+class GroupCommit:
+    """Group commit, as both stores do it: the first caller to find no commit in flight becomes
+    the committer and writes, in one transaction, every insert queued so far (self._queue and
+    self._committing, guarded by self._queue_lock); the others wait on their own wake lock, so
+    a commit wakes only the inserters it holds, and the next one queued, which commits next.
+    A store implements _write(rows) -> records and _committed(records, seconds)."""
 
-    self._lock guards every use of the write connection. Inserts are group-committed: the
-    first caller to find no commit in flight becomes the committer and writes, in one
-    transaction, every insert queued so far (self._queue and self._committing, guarded by
-    self._queue_lock); the others wait on their own wake lock, so a commit wakes only the
-    inserters it holds, and the next one queued, which commits next. Reads go
-    through connections of their own (self._readers, guarded by self._readers_lock), so they
-    never wait for a commit and keep working while writes fail; a :memory: database has only
-    the one connection, so there reads take self._lock too.
+    MAX_BATCH = 1000
+
+    def __init__(self, on_commit=None):
+        self._queue_lock = threading.Lock()
+        self._queue = []                      # PendingInserts not yet in a transaction
+        self._committing = False
+        self._on_commit = on_commit or (lambda records, seconds: None)
+
+    def insert(self, event, data):
+        """Store one record and return it once the transaction holding it has committed."""
+        return self.insert_many([(event, data)])[0]
+
+    def insert_many(self, rows):
+        """Store [(event, data)] in one transaction, all or none, with consecutive ids; return
+        the records once it has committed."""
+        pending = PendingInsert(rows)
+        with self._queue_lock:
+            self._queue.append(pending)
+            leads, self._committing = not self._committing, True
+        if not leads:
+            pending.wake.acquire()            # its batch committed, or it commits the next one
+        if pending.records is None and pending.error is None:
+            self._commit_until_done(pending)
+        if pending.error:
+            raise pending.error
+        return pending.records
+
+    def _commit_until_done(self, pending):
+        """As the committer: write batches until pending's is done, wake the inserters of each,
+        then hand the turn to the next one queued."""
+        while pending.records is None and pending.error is None:
+            with self._queue_lock:
+                batch = self._take_batch()    # others queue up while this batch is written
+            self.commit(batch)
+            for waiting in batch:
+                if waiting is not pending:
+                    waiting.wake.release()
+        with self._queue_lock:
+            if self._queue:
+                self._queue[0].wake.release()
+            else:
+                self._committing = False
+
+    def _take_batch(self):
+        """The queued inserts for one transaction: about MAX_BATCH rows, and at least one insert."""
+        rows = taken = 0
+        while taken < len(self._queue) and (taken == 0 or rows + len(self._queue[taken].rows) <= self.MAX_BATCH):
+            rows += len(self._queue[taken].rows)
+            taken += 1
+        batch, self._queue = self._queue[:taken], self._queue[taken:]
+        return batch
+
+    def commit(self, batch):
+        """Write batch (PendingInserts) in one transaction; each gets its records or its error.
+        Only one thread at a time may call it: records reach subscribers in id order."""
+        started = time.perf_counter()
+        try:
+            records = self._write([row for pending in batch for row in pending.rows])
+        except Exception as error:
+            if not isinstance(error, StoreError):
+                traceback.print_exc()                  # a bug: still answer every waiter
+            for pending in batch:
+                pending.error = StoreError(str(error))     # one each: every waiter raises its own
+            return
+        start = 0
+        for pending in batch:
+            pending.records = records[start:start + len(pending.rows)]
+            start += len(pending.rows)
+        # Still the only committer, so records reach subscribers in id order.
+        self._committed(records, time.perf_counter() - started)
+
+
+class SQLiteStore(GroupCommit):
+    """The SQLite file: the default store. Knows SQL, knows nothing of HTTP. A worker of
+    --workers opens it with writes=False, to read: the supervisor's CommitServer commits for
+    every worker, so every commit is this process's or comes through the CommitLink.
+
+    self._lock guards every use of the write connection; inserts are group-committed
+    (GroupCommit). Reads go through connections of their own (self._readers, guarded by
+    self._readers_lock), so they never wait for a commit and keep working while writes fail;
+    a :memory: database has only the one connection, so there reads take self._lock too.
     """
 
+    NAME = "sqlite"
+    SHARED = False                   # one process commits to it (the supervisor, for workers)
     SCHEMA = """
         CREATE TABLE IF NOT EXISTS records (
             id        INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are SSE cursors: never reuse one
@@ -495,18 +573,14 @@ class Store:
          WHERE l.id > ?2 AND r.id > ?1 {filter}
         ORDER BY 1"""
     AFTER = "SELECT id, event, timestamp, data FROM records WHERE id > ?1 AND id <= ?2 {filter} ORDER BY id"
-    MAX_BATCH = 1000
     ROWS_PER_STATEMENT = 300         # rows in one INSERT: 900 parameters, under old SQLite's 999
     IDLE_READERS = 8                 # read connections kept open between reads
     APPLICATION_ID = 0x42726B72      # "Brkr" in the file header: this file is a broker.py database
 
     def __init__(self, path, sync="full", on_commit=None, writes=True):
+        super().__init__(on_commit)
         self._path, self._sync = path, sync
         self._lock = threading.Lock()
-        self._queue_lock = threading.Lock()
-        self._queue = []                      # PendingInserts not yet in a transaction
-        self._committing = False
-        self._on_commit = on_commit or (lambda records, seconds: None)
         self._closed = False
         self._reopen = False                  # a write failed: the next one starts afresh
         self._readers_lock = threading.Lock()
@@ -560,69 +634,12 @@ class Store:
         with self._reading() as db:
             return db.execute("SELECT max(id) FROM records").fetchone()[0] or 0
 
-    def insert(self, event, data):
-        """Store one record and return it once the transaction holding it has committed."""
-        return self.insert_many([(event, data)])[0]
+    def follow(self, after_id):
+        """Every commit is this process's (or comes through a worker's CommitLink): on_commit
+        has each already."""
 
-    def insert_many(self, rows):
-        """Store [(event, data)] in one transaction, all or none, with consecutive ids; return
-        the records once it has committed."""
-        pending = PendingInsert(rows)
-        with self._queue_lock:
-            self._queue.append(pending)
-            leads, self._committing = not self._committing, True
-        if not leads:
-            pending.wake.acquire()            # its batch committed, or it commits the next one
-        if pending.records is None and pending.error is None:
-            self._commit_until_done(pending)
-        if pending.error:
-            raise pending.error
-        return pending.records
-
-    def _commit_until_done(self, pending):
-        """As the committer: write batches until pending's is done, wake the inserters of each,
-        then hand the turn to the next one queued."""
-        while pending.records is None and pending.error is None:
-            with self._queue_lock:
-                batch = self._take_batch()    # others queue up while this batch is written
-            self.commit(batch)
-            for waiting in batch:
-                if waiting is not pending:
-                    waiting.wake.release()
-        with self._queue_lock:
-            if self._queue:
-                self._queue[0].wake.release()
-            else:
-                self._committing = False
-
-    def _take_batch(self):
-        """The queued inserts for one transaction: about MAX_BATCH rows, and at least one insert."""
-        rows = taken = 0
-        while taken < len(self._queue) and (taken == 0 or rows + len(self._queue[taken].rows) <= self.MAX_BATCH):
-            rows += len(self._queue[taken].rows)
-            taken += 1
-        batch, self._queue = self._queue[:taken], self._queue[taken:]
-        return batch
-
-    def commit(self, batch):
-        """Write batch (PendingInserts) in one transaction; each gets its records or its error.
-        Only one thread at a time may call it: records reach subscribers in id order."""
-        started = time.perf_counter()
-        try:
-            records = self._write([row for pending in batch for row in pending.rows])
-        except Exception as error:
-            if not isinstance(error, (sqlite3.Error, StoreError)):
-                traceback.print_exc()                  # a bug: still answer every waiter
-            reason = f"the database refused the write: {error}" if isinstance(error, sqlite3.Error) else str(error)
-            for pending in batch:
-                pending.error = StoreError(reason)     # one each: every waiter raises its own
-            return
-        start = 0
-        for pending in batch:
-            pending.records = records[start:start + len(pending.rows)]
-            start += len(pending.rows)
-        # Still the only committer, so records reach subscribers in id order.
-        self._on_commit(records, time.perf_counter() - started)
+    def _committed(self, records, seconds):
+        self._on_commit(records, seconds)
 
     def _write(self, rows):
         with self._lock:
@@ -644,8 +661,10 @@ class Store:
                     first = cursor.lastrowid - len(part) + 1     # one statement's rows take consecutive ids
                     records += [Record(first + n, *row) for n, row in enumerate(part)]
                 self._db.execute("COMMIT")
-            except BaseException:
+            except BaseException as error:
                 self._roll_back()
+                if isinstance(error, sqlite3.Error):
+                    raise StoreError(f"the database refused the write: {error}") from None
                 raise
             self._last_ts = ts
             return records
@@ -802,6 +821,368 @@ class Store:
     def _newest_timestamp(self):
         row = self._db.execute("SELECT timestamp FROM records ORDER BY id DESC LIMIT 1").fetchone()
         return row[0] if row else 0
+
+
+class PostgresStore(GroupCommit):
+    """PostgreSQL, for several broker nodes (processes or machines) on one database: the same
+    surface as SQLiteStore, and SQL that differs lives here. psycopg 3 is imported here, and
+    only when a postgresql:// URL asks for it.
+
+    Ids and timestamps come from one counter row, which every inserting statement updates
+    first: the next insert, on any node, waits for that row until this one has committed. So
+    ids are given in commit order without gaps, and no record ever becomes visible below an id
+    already seen (with a sequence, 42 could commit before 41, and a reader past 42 would skip
+    41). Timestamps follow the database's clock, bumped past the last one given, so they grow
+    strictly whatever the nodes' clocks say. Group commit makes it one round trip per batch.
+
+    Every record reaches on_commit in id order, whoever committed it: this node's commits
+    right after they commit (with any other node's before them, read first), the others'
+    through the follower thread, which a NOTIFY wakes (sent by the inserting statement, so it
+    arrives at commit) to read id > last from the database, never trusting what a notification
+    says. It also reads every FOLLOW_CHECK seconds: notifications are coalesced, and lost while
+    its connection is down. self._publish_lock guards self._published and is held through
+    each commit and each hand-over to on_commit. self._lock guards the write connection;
+    self._readers_lock the idle read connections, of which at most MAX_READERS are in use.
+    """
+
+    NAME = "postgresql"
+    SHARED = True                    # other processes commit to it: follow() learns of their commits
+    TABLES = ("broker_records", "broker_latest", "broker_counter")
+    MARK = "broker.py"               # each table's comment: a table without it is not ours
+    SCHEMA = [
+        """CREATE TABLE IF NOT EXISTS broker_records (
+            id        bigint PRIMARY KEY,              -- from broker_counter: SSE cursors, never reused
+            event     text COLLATE "C" NOT NULL,
+            timestamp bigint NOT NULL,                 -- microseconds, strictly increasing
+            data      text NOT NULL,                   -- compact JSON, as stored
+            UNIQUE (event, timestamp))""",
+        """CREATE TABLE IF NOT EXISTS broker_latest (  -- the sync reads this, not the history
+            event text COLLATE "C" PRIMARY KEY,
+            id    bigint NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS broker_latest_by_id ON broker_latest (id)",
+        """CREATE TABLE IF NOT EXISTS broker_counter ( -- one row: the last id and timestamp given
+            one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+            last_id bigint NOT NULL,
+            last_ts bigint NOT NULL)""",
+        "INSERT INTO broker_counter (last_id, last_ts) VALUES (0, 0) ON CONFLICT DO NOTHING",
+        "COMMENT ON TABLE broker_records IS 'broker.py'",
+        "COMMENT ON TABLE broker_latest IS 'broker.py'",
+        "COMMENT ON TABLE broker_counter IS 'broker.py'",
+    ]
+    # One statement, so one round trip and its own transaction: take n ids and timestamps from
+    # the counter (the row stays locked until commit), store the rows, point latest at them,
+    # and notify the other nodes, which hear of it once it commits.
+    INSERT = """
+        WITH taken AS (
+            UPDATE broker_counter
+               SET last_id = last_id + %(n)s,
+                   last_ts = greatest(last_ts + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) + %(n)s - 1
+            RETURNING last_id - %(n)s AS before_id, last_ts - %(n)s AS before_ts),
+        batch AS (
+            SELECT before_id + r.n AS id, r.event, before_ts + r.n AS timestamp, r.data
+              FROM taken, unnest(%(events)s::text[], %(datas)s::text[]) WITH ORDINALITY AS r (event, data, n)),
+        stored AS (
+            INSERT INTO broker_records (id, event, timestamp, data) SELECT id, event, timestamp, data FROM batch),
+        newest AS (
+            INSERT INTO broker_latest (event, id) SELECT DISTINCT ON (event) event, id FROM batch ORDER BY event, id DESC
+            ON CONFLICT (event) DO UPDATE SET id = excluded.id)
+        SELECT before_id, before_ts, pg_notify('broker_records', (before_id + %(n)s)::text) FROM taken"""
+    # As SQLiteStore.LATEST_AS_OF: the latest of each event as of upto, if above after.
+    LATEST_AS_OF = """
+        SELECT l.id, r.event, r.timestamp, r.data FROM broker_latest AS l JOIN broker_records AS r ON r.id = l.id
+         WHERE l.id > %(after)s AND l.id <= %(upto)s {filter}
+        UNION ALL
+        SELECT r.id, r.event, r.timestamp, r.data FROM broker_latest AS l CROSS JOIN LATERAL (
+            SELECT v.id, v.event, v.timestamp, v.data FROM broker_records AS v
+             WHERE v.event = l.event AND v.id <= %(upto)s ORDER BY v.timestamp DESC LIMIT 1) AS r
+         WHERE l.id > %(upto)s AND r.id > %(after)s {filter}
+        ORDER BY 1"""
+    AFTER = """SELECT id, event, timestamp, data FROM broker_records
+                WHERE id > %(after)s AND id <= %(upto)s {filter} ORDER BY id"""
+    CHANNEL = "broker_records"
+    SCHEMA_LOCK = 0x42726B72         # advisory lock keys: "Brkr", while a node creates the tables
+    PRUNE_LOCK = 0x42726B73          # ... and while a node prunes: one at a time
+    MAX_READERS = 8                  # read connections in use at once; each is a server process
+    FOLLOW_CHECK = 1.0               # seconds the follower waits for a notification before reading anyway
+    RETRY_PAUSE = 0.5                # seconds between the follower's attempts to reconnect
+    CONNECT_OPTIONS = {              # unless the URL says otherwise: fail fast when the server is gone
+        "connect_timeout": "5", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
+        "tcp_user_timeout": "10000", "application_name": "broker.py"}
+
+    def __init__(self, url, sync="full", on_commit=None, writes=True):
+        super().__init__(on_commit)
+        try:
+            import psycopg
+        except ImportError:
+            raise ImportError('the PostgreSQL store needs psycopg 3: pip install "psycopg[binary]"') from None
+        self._psycopg = psycopg
+        self._url, self._sync = url, sync
+        self._lock = threading.Lock()
+        self._closed = False
+        self._readers_lock = threading.Lock()
+        self._readers = []                    # idle read connections
+        self._read_slots = threading.BoundedSemaphore(self.MAX_READERS)
+        self._publish_lock = threading.Lock()
+        self._published = None                # the last id passed to on_commit; None: not following
+        self._db = self._connect()
+        try:
+            self._create_schema(self._db)
+        except BaseException:
+            self._db.close()
+            raise
+        if not writes:
+            self._db.close()
+            self._db = None
+
+    def _connect(self):
+        psycopg = self._psycopg
+        try:
+            options = psycopg.conninfo.conninfo_to_dict(self._url)
+            db = psycopg.connect(**{**self.CONNECT_OPTIONS, **options}, autocommit=True)
+            if self._sync == "normal":        # a commit need not wait for the disk: lost only if PostgreSQL crashes
+                db.execute("SET synchronous_commit TO off")
+        except psycopg.Error as error:
+            raise StoreError(f"cannot connect to PostgreSQL at {shown_db(self._url)}: {one_line(error)}") from None
+        return db
+
+    def _create_schema(self, db):
+        """Create the tables, once, however many nodes start at once; refuse, before writing
+        anything, tables of our names that are not ours."""
+        try:
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (self.SCHEMA_LOCK,))
+                for table in self.TABLES:
+                    found, mark = db.execute("SELECT to_regclass(%s) IS NOT NULL, obj_description(to_regclass(%s), 'pg_class')",
+                                             (table, table)).fetchone()
+                    if found and mark != self.MARK:
+                        raise StoreError(f"the database at {shown_db(self._url)} has a table {table} that is not"
+                                         " broker.py's; refusing to touch it")
+                for statement in self.SCHEMA:
+                    db.execute(statement)
+        except self._psycopg.Error as error:
+            raise StoreError(f"cannot set up the database at {shown_db(self._url)}: {one_line(error)}") from None
+
+    def close(self):
+        with self._lock, self._readers_lock:
+            self._closed = True
+            if self._db is not None:
+                self._db.close()
+            for db in self._readers:
+                db.close()
+            self._readers = []
+
+    def newest_id(self):
+        with self._reading() as db:
+            return db.execute("SELECT last_id FROM broker_counter").fetchone()[0]
+
+    def follow(self, after_id):
+        """From now on, pass on_commit every record committed after after_id, by any node, in
+        id order."""
+        with self._publish_lock:
+            self._published = after_id
+        threading.Thread(target=self._follow, name="broker-follower", daemon=True).start()
+
+    def _follow(self):
+        listener = None
+        while not self._closed:
+            try:
+                if listener is None:
+                    listener = self._connect()
+                    listener.execute(f"LISTEN {self.CHANNEL}")     # before reading: nothing slips between
+                with self._publish_lock:
+                    self._catch_up(None)
+                for _ in listener.notifies(timeout=self.FOLLOW_CHECK, stop_after=1):
+                    pass
+            except Exception as error:
+                if not isinstance(error, (self._psycopg.Error, StoreError)):
+                    traceback.print_exc()     # a bug: keep following all the same
+                if listener is not None:
+                    listener.close()
+                    listener = None
+                time.sleep(self.RETRY_PAUSE)  # the database is down: the next attempt catches up
+        if listener is not None:
+            listener.close()
+
+    def _catch_up(self, upto):
+        """Pass on_commit every committed record after the last passed on (up to upto, if
+        given), a page at a time. Call with self._publish_lock held."""
+        while upto is None or self._published < upto:
+            records = self.after(self._published, MAX_INT64 if upto is None else upto)
+            if not records:
+                return
+            self._on_commit(records, None)
+            self._published = records[-1].id
+
+    def commit(self, batch):
+        with self._publish_lock:              # until on_commit has it: the follower waits
+            super().commit(batch)
+
+    def _committed(self, records, seconds):
+        if self._published is None:
+            return                            # not following (the supervisor of --workers only checks)
+        try:
+            self._catch_up(records[0].id - 1)     # other nodes' commits just before this one
+        except StoreError:
+            return                            # unreadable for now: the follower passes them all on
+        self._on_commit(records, seconds)
+        self._published = records[-1].id
+
+    def _write(self, rows):
+        with self._lock:
+            self._check_open()
+            if self._db is None or self._db.closed:
+                self._db = self._connect()    # after a failure: a new connection, or a refusal
+            try:
+                before_id, before_ts, _ = self._db.execute(self.INSERT, {
+                    "n": len(rows), "events": [event for event, _ in rows], "datas": [data for _, data in rows],
+                }).fetchone()
+            except self._psycopg.Error as error:
+                raise self._write_error(error) from None
+        return [Record(before_id + n, event, before_ts + n, data) for n, (event, data) in enumerate(rows, 1)]
+
+    def _write_error(self, error):
+        if self._db.closed or isinstance(error, self._psycopg.OperationalError):
+            self._db.close()                  # reconnect before the next write
+            return StoreError(f"the database connection failed: {one_line(error)}; the insert may or may not be stored")
+        return StoreError(f"the database refused the write: {one_line(error)}")
+
+    def prune_versions(self, events, keep):
+        """As SQLiteStore.prune_versions."""
+        return self._delete([(
+            "DELETE FROM broker_records WHERE id IN (SELECT id FROM broker_records WHERE event = %(first)s"
+            " AND timestamp < (SELECT timestamp FROM broker_records WHERE event = %(first)s"
+            " ORDER BY timestamp DESC LIMIT 1 OFFSET %(second)s) ORDER BY timestamp LIMIT %(limit)s)",
+            (event, keep - 1)) for event in events])
+
+    def prune_older(self, before_ts):
+        """As SQLiteStore.prune_older."""
+        return self._delete([(
+            "DELETE FROM broker_records WHERE id IN (SELECT id FROM broker_records WHERE id < coalesce("
+            " (SELECT id FROM broker_records WHERE timestamp >= %(first)s ORDER BY id LIMIT 1),"
+            " (SELECT max(id) + 1 FROM broker_records)) AND id NOT IN (SELECT id FROM broker_latest)"
+            " ORDER BY id LIMIT %(limit)s)", (before_ts, 0))])
+
+    def _delete(self, statements):
+        deleted = 0
+        with self._lock:
+            self._check_open()
+            try:
+                if self._db is None or self._db.closed:
+                    self._db = self._connect()
+                with self._db.transaction():
+                    if not self._db.execute("SELECT pg_try_advisory_xact_lock(%s)", (self.PRUNE_LOCK,)).fetchone()[0]:
+                        return 0              # another node prunes now
+                    for sql, (first, second) in statements:
+                        if deleted < PRUNE_ROWS:
+                            deleted += self._db.execute(sql, {"first": first, "second": second,
+                                                              "limit": PRUNE_ROWS - deleted}).rowcount
+            except self._psycopg.Error as error:
+                self._db.close()
+                raise StoreError(f"the database refused the write: {one_line(error)}") from None
+        return deleted
+
+    def event_names(self, after=""):
+        """A page of the event names above after, in order."""
+        return [name for name, in self._page("SELECT event FROM broker_latest WHERE event > %(after)s ORDER BY event",
+                                             {"after": after}, "event")]
+
+    def size_bytes(self):
+        """The tables' size on disk, indexes included."""
+        with self._reading() as db:
+            return int(db.execute("SELECT sum(pg_total_relation_size(t)) FROM unnest(%s::regclass[]) AS t",
+                                  (list(self.TABLES),)).fetchone()[0])
+
+    def latest(self, after_id, upto_id, wants=None):
+        """As SQLiteStore.latest."""
+        return self._records(self.LATEST_AS_OF, "l.event", after_id, upto_id, wants)
+
+    def after(self, after_id, upto_id, wants=None):
+        """As SQLiteStore.after."""
+        return self._records(self.AFTER, "event", after_id, upto_id, wants)
+
+    def _records(self, sql, column, after_id, upto_id, wants):
+        # The database skips the events not chosen when it can: ?match= patterns with [...] are
+        # left to write_records, which checks every record it sends anyway.
+        params, tests = {"after": after_id, "upto": upto_id}, []
+        if wants is not None and wants.names:
+            tests.append(f"{column} = ANY(%(names)s)")
+            params["names"] = sorted(wants.names)
+        likes = [like_pattern(pattern) for pattern in (wants.patterns if wants is not None and wants.patterns else ())]
+        if likes and None not in likes:
+            tests.append(f"{column} LIKE ANY(%(likes)s)")
+            params["likes"] = likes
+        chosen = wants is not None and wants.is_chosen() and None not in likes
+        sql = sql.format(filter=f"AND ({' OR '.join(tests) or 'false'})" if chosen else "")
+        return [Record(*row) for row in self._page(sql, params, "id")]
+
+    def audit(self, event, since=0, limit=PAGE_ROWS):
+        """As SQLiteStore.audit."""
+        return self._page("SELECT timestamp, data FROM broker_records WHERE event = %(event)s AND timestamp > %(since)s"
+                          " ORDER BY timestamp", {"event": event, "since": since}, "timestamp", min(limit, PAGE_ROWS))
+
+    def _page(self, sql, params, order, max_rows=PAGE_ROWS):
+        """The first rows of sql (data last in each, ordered by the column order) up to
+        PAGE_BYTES of data, at least one row: the server counts the bytes, and sends no more."""
+        last = "data" if order != "event" else "event"
+        paged = (f"SELECT * FROM (SELECT page.*, sum(octet_length(page.{last})) OVER (ORDER BY page.{order}"
+                 f" ROWS UNBOUNDED PRECEDING) - octet_length(page.{last}) AS bytes_before FROM ({sql} LIMIT {int(max_rows)})"
+                 f" AS page) AS sized WHERE bytes_before < {PAGE_BYTES} ORDER BY {order}")
+        with self._reading() as db:
+            return [row[:-1] for row in db.execute(paged, params)]
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """A connection to read with: an idle one, or a new one, at most MAX_READERS at once."""
+        with self._read_slots:
+            with self._readers_lock:
+                self._check_open()
+                db = self._readers.pop() if self._readers else None
+            if db is None:
+                db = self._connect()
+            try:
+                yield db
+            except BaseException as error:
+                db.close()             # it may be mid-statement or broken: never reuse it
+                if isinstance(error, self._psycopg.Error):
+                    raise StoreError(f"the database cannot be read: {one_line(error)}") from None
+                raise
+            with self._readers_lock:
+                if not self._closed and not db.closed:
+                    self._readers.append(db)
+                    db = None
+            if db is not None:
+                db.close()
+
+    def _check_open(self):
+        if self._closed:
+            raise StoreError("the broker is shutting down")
+
+
+def is_postgres_url(db):
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(db, sync="full", on_commit=None, writes=True):
+    """The store --db names: PostgreSQL for a postgresql:// URL, else an SQLite file (or :memory:)."""
+    return (PostgresStore if is_postgres_url(db) else SQLiteStore)(db, sync, on_commit, writes)
+
+
+def shown_db(db):
+    """--db as printed and logged: a URL's password hidden."""
+    if not is_postgres_url(db):
+        return db
+    return re.sub(r"(password=)[^&]*", r"\1***", re.sub(r"^(\w+://[^:@/]*):[^@/]*@", r"\1:***@", db))
+
+
+def one_line(error):
+    return " ".join(str(error).split())
+
+
+def like_pattern(pattern):
+    """A ?match= pattern as SQL LIKE, or None if it has a [...], which LIKE lacks."""
+    if "[" in pattern:
+        return None
+    return "".join({"*": "%", "?": "_", "%": "\\%", "_": "\\_", "\\": "\\\\"}.get(c, c) for c in pattern)
 
 
 class Frame(typing.NamedTuple):
@@ -2060,12 +2441,17 @@ class Handler(HTTPHandler):
 
     def get_healthz(self):
         broker = self.server.broker
-        health = {"status": "ok", "subscribers": broker.streams.total(), "last_id": broker.newest_id(),
-                  "workers": broker.streams.workers()}
+        try:
+            newest = broker.newest_id()
+        except StoreError as error:
+            self.send_bytes(503, json_bytes({"status": "unavailable", "store": broker.store.NAME, "error": str(error)}),
+                            "application/json")
+            return
+        health = {"status": "ok", "store": broker.store.NAME, "subscribers": broker.streams.total(),
+                  "last_id": newest, "workers": broker.streams.workers()}
         if broker.seat:
             health["worker"] = broker.seat.number
-        body = json_bytes(health)
-        self.send_bytes(200, body, "application/json")
+        self.send_bytes(200, json_bytes(health), "application/json")
 
     def get_static(self):
         path = static_file(self.server.broker.static, self.url.path)
@@ -2162,7 +2548,7 @@ class Broker:
         if self.workers != 1:
             raise ValueError("workers are a command-line feature (python broker.py --workers N);"
                              " Broker(...) serves in one process")
-        self.store = self.writer = self.hub = self.fanout = self.pruner = self._server = None
+        self.store = self.writer = self.link = self.hub = self.fanout = self.pruner = self._server = None
         self.seat = None                      # set in a worker process of python broker.py --workers N
         self.metrics = Metrics()
         self._stopped = threading.Event()
@@ -2174,18 +2560,24 @@ class Broker:
         self.seat = seat
         if seat:
             self.metrics = seat.metrics
-        if self.db != ":memory:":
+        if self.db != ":memory:" and not is_postgres_url(self.db):
             os.makedirs(os.path.dirname(os.path.abspath(self.db)), exist_ok=True)
         if self.static is not None and not os.path.isdir(self.static):
             raise ValueError(f"static folder not found: {self.static}")
+        # PostgreSQL: every process commits its own inserts, and learns of the others' from the
+        # database. SQLite: a worker's inserts go to the supervisor, which sends every commit back.
+        shared = is_postgres_url(self.db)
+        self.store = self.writer = open_store(self.db, self.sync, self._on_commit, writes=seat is None or shared)
         if seat is None:
-            self.store = self.writer = Store(self.db, self.sync, on_commit=self._on_commit)
             newest = self.store.newest_id()
             self.streams = StreamCounts(self.max_clients or default_max_clients())
         else:
-            self.store = Store(self.db, writes=False)
-            self.writer = CommitLink(seat.link, self._on_commit, lost=self._writer_lost)
-            newest, self.streams = self.writer.join(), seat.streams
+            self.link = CommitLink(seat.link, self._on_commit, lost=self._writer_lost)
+            newest, self.streams = self.link.join(), seat.streams
+            if shared:
+                newest = self.store.newest_id()
+            else:
+                self.writer = self.link
         self.max_clients = self.streams.limit
         self.hub = Hub(newest)
         self.threads = ThreadPool()
@@ -2193,8 +2585,9 @@ class Broker:
                              self.metrics, self.streams)
         keep = (None, None) if seat else (self.keep_versions, self.keep_days)   # the writer prunes for workers
         self.pruner = Pruner(self.store, *keep, self.metrics)
-        if seat:
-            self.writer.start()       # commits reach the hub from now on
+        self.store.follow(newest)
+        if self.link:
+            self.link.start()         # commits reach the hub from now on
         try:
             self._server = Server((self.host, self.port), self, seat and seat.listener)
         except OSError:
@@ -2207,9 +2600,10 @@ class Broker:
         return self
 
     def newest_id(self):
-        """The newest id this broker's hub has, and so its streams: in a worker, once the hub
-        has every record acknowledged so far by any worker (on its way here, or here already)."""
-        if self.seat is None:
+        """The newest id this broker's hub has, and so its streams: in a worker, or a node on
+        PostgreSQL, once the hub has every record acknowledged so far by any process (on its
+        way here, or here already)."""
+        if self.seat is None and not self.store.SHARED:
             with self.hub.changed:
                 return self.hub.newest
         return self.hub.wait_until(self.store.newest_id())
@@ -2221,8 +2615,8 @@ class Broker:
     def _on_commit(self, records, seconds):
         self.hub.publish(records)
         self.pruner.note(records)
-        if self.seat:
-            return                    # the supervisor counts commits, once for every worker
+        if seconds is None:
+            return                    # another process committed them, and counts them
         self.metrics.add("broker_inserts_total", len(records))
         self.metrics.observe("broker_commit_duration_seconds", seconds)
         self.metrics.observe("broker_commit_rows", len(records))
@@ -2247,8 +2641,8 @@ class Broker:
             self.pruner.stop()
             self.hub.close()
             self.fanout.join(timeout=5)
-            if self.writer is not self.store:
-                self.writer.close()
+            if self.link:
+                self.link.close()
             self.store.close()
             self._stopped.set()
 
@@ -2289,7 +2683,7 @@ class Broker:
 
     def latest(self):
         """{event: data} for the latest record of every event."""
-        state, cursor, newest = {}, 0, self.hub.newest
+        state, cursor, newest = {}, 0, self.newest_id()
         while True:
             records = self.store.latest(cursor, newest)
             if not records:
@@ -2554,10 +2948,10 @@ class CommitServer:
 
     @staticmethod
     def _batches(inserts):
-        """inserts, in order, in transactions of about Store.MAX_BATCH rows."""
+        """inserts, in order, in transactions of about GroupCommit.MAX_BATCH rows."""
         batch, rows = [], 0
         for pending in inserts:
-            if batch and rows + len(pending.rows) > Store.MAX_BATCH:
+            if batch and rows + len(pending.rows) > GroupCommit.MAX_BATCH:
                 yield batch
                 batch, rows = [], 0
             batch.append(pending)
@@ -2707,9 +3101,9 @@ class Supervisor:
         """Start, serve until SIGINT or SIGTERM, stop; return the exit code."""
         try:
             self._start()
-        except (OSError, sqlite3.Error, StoreError) as error:
+        except (ImportError, OSError, sqlite3.Error, StoreError) as error:
             print(f"broker.py: error: {error}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(error, ImportError) else 1
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self._events.put(("stop",)))
         for number in range(1, self.count + 1):
@@ -2724,14 +3118,15 @@ class Supervisor:
         try:
             if not self.REUSE_PORT:
                 self.listener.listen(Server.request_queue_size)
-            self.store = Store(self.settings["db"], self.settings["sync"],
-                               on_commit=lambda records, seconds: self.pruner.note(records))
+            self.store = open_store(self.settings["db"], self.settings["sync"],
+                                    on_commit=lambda records, seconds: self.pruner.note(records))
         except BaseException:
             self.listener.close()
             raise
         self.metrics = SharedMetrics(rows=1 + self.count)
         self.pruner = Pruner(self.store, self.settings["keep_versions"], self.settings["keep_days"], self.metrics)
         self.commits = CommitServer(self.store, self.metrics, on_join=lambda number: self._events.put(("ready", number)))
+        self.store.follow(self.store.newest_id())    # PostgreSQL: the pruner hears of every node's commits
         own_limit = default_max_clients()
         self.streams = SharedStreamCounts(self.settings["max_clients"] or own_limit * self.count, own_limit, self.count)
         self.commits.start()
@@ -2781,7 +3176,7 @@ class Supervisor:
                 if len(ready) == self.count and not announced:
                     announced = True
                     host, port = self.listener.getsockname()[:2]
-                    print(f"broker listening on {http_url(host, port)} (db {self.settings['db']},"
+                    print(f"broker listening on {http_url(host, port)} (db {shown_db(self.settings['db'])},"
                           f" {self.count} workers)", flush=True)
             elif kind == "exited":
                 number, process, reason = details
@@ -2870,7 +3265,7 @@ def serve_as_worker(seat_json):
     try:
         broker.start(WorkerSeat(seat["number"], seat["workers"], socket.socket(fileno=seat["listener"]),
                                 socket.socket(fileno=seat["link"]), streams, metrics))
-    except (OSError, ValueError, sqlite3.Error, StoreError) as error:
+    except (ImportError, OSError, ValueError, sqlite3.Error, StoreError) as error:
         print(f"broker.py: worker {seat['number']}: error: {error}", file=sys.stderr)
         return 1
     serve_until_signalled(broker, announce=False)
@@ -3062,7 +3457,7 @@ def path_problem(settings):
         return f"argument --static: {static!r} is not a folder"
     if settings["db"] == ":memory:" and settings["workers"] > 1:
         return "argument --workers: needs a database file (--db): each process has its own :memory:"
-    if settings["db"] != ":memory:":
+    if settings["db"] != ":memory:" and not is_postgres_url(settings["db"]):
         folder = os.path.dirname(os.path.abspath(settings["db"]))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -3132,9 +3527,9 @@ def main(argv=None):
     broker = Broker(**settings)
     try:
         broker.start()
-    except (OSError, ValueError, sqlite3.Error, StoreError) as error:
+    except (ImportError, OSError, ValueError, sqlite3.Error, StoreError) as error:
         print(f"broker.py: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
+        return 2 if isinstance(error, (ImportError, ValueError)) else 1
     serve_until_signalled(broker)
     return 0
 
@@ -3149,7 +3544,7 @@ def serve_until_signalled(broker, announce=True):
     for signum in (signal.SIGINT, signal.SIGTERM):     # before the line: a reader may signal at once
         signal.signal(signum, lambda *_: threading.Thread(target=broker.stop).start())
     if announce:
-        print(f"broker listening on {broker.url} (db {broker.db})", flush=True)
+        print(f"broker listening on {broker.url} (db {shown_db(broker.db)})", flush=True)
     broker.serve_forever()
 
 

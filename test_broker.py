@@ -46,9 +46,19 @@ def temp_db(test_class):
     return os.path.join(folder.name, "broker.db")
 
 
+def new_db(test_class):
+    """A new, empty database for test_class: an SQLite file, or with test_class.POSTGRES set
+    (test_postgres.py), a database on that PostgreSQL server."""
+    postgres = getattr(test_class, "POSTGRES", None)
+    return postgres.new_database() if postgres else temp_db(test_class)
+
+
 def start_broker(test_class, **options):
     """A broker for test_class: embedded, or with test_class.WORKERS set, python broker.py
-    --workers N (the same tests, run against several processes)."""
+    --workers N (the same tests, run against several processes); on SQLite, or on PostgreSQL
+    with test_class.POSTGRES set."""
+    if getattr(test_class, "POSTGRES", None):
+        options.setdefault("db", new_db(test_class))
     if getattr(test_class, "WORKERS", None):
         flags = [f"--{name.replace('_', '-')}={value}" for name, value in options.items()]
         server = WorkerBroker(test_class.addClassCleanup, test_class.WORKERS, "--quiet", *flags)
@@ -56,7 +66,7 @@ def start_broker(test_class, **options):
         if "jwt_secret" in options:
             server.token = broker.make_jwt(options["jwt_secret"], publish=["*"], subscribe=["*"])
         return server
-    options.setdefault("db", temp_db(test_class))
+    options.setdefault("db", new_db(test_class))
     started = Broker(port=0, quiet=True, **options).start()
     test_class.addClassCleanup(started.stop)
     return started
@@ -771,7 +781,7 @@ class RetentionTests(unittest.TestCase):
         return list(server.audit(event).values())
 
     def test_keep_versions_keeps_the_newest_and_never_reuses_ids(self):
-        with Broker(db=temp_db(type(self)), port=0, quiet=True, keep_versions=3) as server:
+        with Broker(db=new_db(type(self)), port=0, quiet=True, keep_versions=3) as server:
             records = server.publish_many([("e", n) for n in range(10)]) + [server.publish("f", "only")]
             self.assertEqual(self.wait_for_versions(server, "e", 3), [7, 8, 9])
             self.assertEqual(server.latest(), {"e": 9, "f": "only"})
@@ -782,7 +792,7 @@ class RetentionTests(unittest.TestCase):
             self.assertEqual(metric(server, "broker_records_pruned_total"), 8)
 
     def test_keep_versions_prunes_an_existing_history_at_start(self):
-        db = temp_db(type(self))
+        db = new_db(type(self))
         with Broker(db=db, port=0, quiet=True) as server:
             server.publish_many([("e", n) for n in range(600)])
             server.publish_many([("e", n) for n in range(600, 1200)])
@@ -790,21 +800,21 @@ class RetentionTests(unittest.TestCase):
             self.assertEqual(self.wait_for_versions(server, "e", 2), [1198, 1199])
 
     def test_keep_days_prunes_an_existing_history_at_start(self):
-        db = temp_db(type(self))
+        db = new_db(type(self))
         with Broker(db=db, port=0, quiet=True) as server:
             server.publish_many([("e", 1), ("e", 2)])
         with Broker(db=db, port=0, quiet=True, keep_days=1e-9) as server:      # no insert needed
             self.assertEqual(self.wait_for_versions(server, "e", 1), [2])
 
     def test_keep_days_drops_old_versions_but_not_the_latest(self):
-        with Broker(db=temp_db(type(self)), port=0, quiet=True, keep_days=1 / 86400) as server:  # one second
+        with Broker(db=new_db(type(self)), port=0, quiet=True, keep_days=1 / 86400) as server:  # one second
             server.publish_many([("e", 1), ("e", 2), ("lonely", 3)])
             wait_until(lambda: server.audit("e") and len(server.audit("e")) == 1, timeout=TIMEOUT * 2)
             self.assertEqual(list(server.audit("e").values()), [2])
             self.assertEqual(server.latest(), {"e": 2, "lonely": 3})
 
     def test_the_file_stops_growing_under_a_steady_load(self):
-        db = temp_db(type(self))
+        db = new_db(type(self))
         with Broker(db=db, port=0, quiet=True, sync="normal", keep_versions=10) as server:
             def load(rounds):
                 for _ in range(rounds):
@@ -1611,7 +1621,8 @@ class RoutingTests(unittest.TestCase):
         self.assertEqual(status, 200)
         workers = getattr(self, "WORKERS", 1)
         self.assertEqual(body.pop("worker", None) in range(1, workers + 1), workers > 1)   # which one answered
-        self.assertEqual(body, {"status": "ok", "subscribers": 0, "last_id": record["id"], "workers": workers})
+        self.assertEqual(body, {"status": "ok", "store": "postgresql" if getattr(self, "POSTGRES", None) else "sqlite",
+                                "subscribers": 0, "last_id": record["id"], "workers": workers})
         with EventStream(self.broker) as stream:
             stream.read_sync()
             self.assertEqual(call(self.broker, "GET", "/healthz")[1]["subscribers"], 1)
