@@ -29,7 +29,7 @@ import urllib.parse
 
 import broker
 import test_broker
-from test_broker import EventStream, call, insert, unique_event, wait_until
+from test_broker import TIMEOUT, EventStream, call, unique_event, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _databases = itertools.count(1)
@@ -178,3 +178,267 @@ for _tests in (test_broker.InsertTests, test_broker.EventsTests, test_broker.Mat
     globals()[_name] = type(_name, (_tests,), {"POSTGRES": None})
     CONTRACT_TESTS.append(globals()[_name])
 del _tests, _name
+
+
+def start_node(test, url, *args):
+    """python broker.py --db url: one node, stopped at cleanup; (process, Remote)."""
+    return test_broker.run_broker_process(test, "--db", url, *args)
+
+
+def publish(node, event, data):
+    return broker.publish_to(node.url, event, data)
+
+
+def run_broker(*args, env=None, timeout=30):
+    """python broker.py ... expected to exit: (exit code, stderr)."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", *args],
+                            capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return result.returncode, result.stderr
+
+
+def sql(url, statement, params=()):
+    """Run one statement on the database at url; its rows (None for a statement without)."""
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as db:
+        cursor = db.execute(statement, params)
+        return cursor.fetchall() if cursor.description else None
+
+
+def tables(url):
+    return sorted(name for name, in sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"))
+
+
+class Reader(threading.Thread):
+    """A live /events stream read on its own thread: every record, in the order it came."""
+
+    def __init__(self, node, last_event_id=None):
+        super().__init__(daemon=True)
+        headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+        self.stream = EventStream(node, headers=headers, timeout=30)
+        self.records, self.block = self.stream.read_sync()     # the sync, then the id-only block
+        self.heartbeats = 0
+        self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            while True:
+                block = self.stream.read_block()
+                if "data" in block:
+                    self.records.append({"id": int(block["id"]), "event": block["event"], "data": json.loads(block["data"])})
+                elif "comment" in block:
+                    self.heartbeats += 1
+        except (OSError, EOFError) as error:
+            self.error = error
+
+    def ids(self):
+        return [record["id"] for record in self.records]
+
+    def close(self):
+        self.stream.close()
+
+
+class StartTests(unittest.TestCase):
+    """--db postgresql://...: one line and an exit code for each way it cannot start."""
+
+    def test_without_psycopg_it_exits_2_saying_what_to_install(self):
+        with tempfile.TemporaryDirectory() as folder:
+            os.mkdir(os.path.join(folder, "psycopg"))
+            with open(os.path.join(folder, "psycopg", "__init__.py"), "w") as module:
+                module.write("raise ImportError('No module named psycopg')\n")   # as if not installed
+            code, stderr = run_broker("--db", SERVER.url(), env={"PYTHONPATH": folder})
+        self.assertEqual(code, 2)
+        self.assertEqual(stderr, 'broker.py: error: the PostgreSQL store needs psycopg 3: pip install "psycopg[binary]"\n')
+
+    def test_a_bad_url_a_refused_login_and_no_server_exit_1_in_one_line(self):
+        port = free_port()
+        for url, reason in [
+                (f"postgresql://127.0.0.1:{port}x/db", "invalid"),
+                (f"postgresql://nobody_here:s3cret@127.0.0.1:{SERVER.port}/postgres", 'role "nobody_here" does not exist'),
+                (f"postgres://postgres:s3cret@127.0.0.1:{port}/postgres", "Connection refused")]:
+            with self.subTest(url=url):
+                started = time.monotonic()
+                code, stderr = run_broker("--db", url)
+                self.assertEqual(code, 1)
+                self.assertLess(time.monotonic() - started, 15)
+                self.assertRegex(stderr, r"^broker\.py: error: cannot connect to PostgreSQL at postgres(ql)?://[^\n]*\n$")
+                self.assertIn(reason, stderr)
+                self.assertNotIn("s3cret", stderr)         # the password is never printed
+
+    def test_tables_of_our_names_that_are_not_ours_are_refused_untouched(self):
+        url = SERVER.new_database()
+        sql(url, "CREATE TABLE broker_records (note text)")
+        sql(url, "INSERT INTO broker_records VALUES ('mine')")
+        code, stderr = run_broker("--db", url)
+        self.assertEqual(code, 1)
+        self.assertEqual(stderr, f"broker.py: error: the database at {url} has a table broker_records that is not"
+                                 " broker.py's; refusing to touch it\n")
+        self.assertEqual(tables(url), ["broker_records"])
+        self.assertEqual(sql(url, "SELECT * FROM broker_records"), [("mine",)])
+
+    def test_nodes_starting_at_once_on_an_empty_database_create_the_tables_once(self):
+        url = SERVER.new_database()
+        processes = [subprocess.Popen([sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", "--quiet",
+                                       "--db", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+        for process in processes:
+            self.addCleanup(process.wait)
+            self.addCleanup(process.terminate)
+            self.addCleanup(process.stdout.close)
+            self.addCleanup(process.stderr.close)
+        lines = [process.stdout.readline().decode() for process in processes]
+        for line, process in zip(lines, processes):
+            self.assertTrue(line.startswith("broker listening on "), process.stderr.read() if not line else line)
+        self.assertEqual(tables(url), ["broker_counter", "broker_latest", "broker_records"])
+        nodes = [test_broker.Remote(line.split()[3]) for line in lines]
+        ids = [publish(node, "start", n)["id"] for n, node in enumerate(nodes)]
+        self.assertEqual(ids, [1, 2, 3, 4])
+        self.assertEqual(sql(url, "SELECT last_id FROM broker_counter"), [(4,)])
+
+    def test_the_listening_line_hides_the_password(self):
+        process, node = start_node(self, SERVER.new_database().replace("postgres@", "postgres:pw@"))
+        self.assertEqual(call(node, "GET", "/healthz")[1]["store"], "postgresql")
+
+
+class NodesTests(unittest.TestCase):
+    """Three nodes on one database: one broker, whichever node a client uses."""
+
+    def setUp(self):
+        self.url = SERVER.new_database()
+        self.nodes = [start_node(self, self.url, "--heartbeat", "0.5")[1] for _ in range(3)]
+
+    def test_every_subscriber_on_every_node_gets_every_record_once_in_id_order(self):
+        early = [Reader(node) for node in self.nodes]
+        acknowledged, lock = [], threading.Lock()
+
+        def publish_on(node, number):
+            for n in range(60):
+                if n % 10 == 0:
+                    records = broker.publish_many(node.url, [(f"n{number}", n), (f"m{number}", n)])
+                else:
+                    records = [publish(node, f"n{number}", n)]
+                with lock:
+                    acknowledged.extend(records)
+        publishers = [threading.Thread(target=publish_on, args=(node, n)) for n, node in enumerate(self.nodes)]
+        for thread in publishers:
+            thread.start()
+        time.sleep(0.05)
+        late = [Reader(node) for node in self.nodes]       # joined while the inserts run
+        for thread in publishers:
+            thread.join()
+        ids = sorted(record["id"] for record in acknowledged)
+        self.assertEqual(ids, list(range(1, len(ids) + 1)))         # one counter: no gap, no reuse
+        by_id = sorted(acknowledged, key=lambda record: record["id"])
+        stamps = [record["timestamp"] for record in by_id]
+        self.assertEqual(stamps, sorted(set(stamps)))               # strictly increasing with the ids
+        for reader in early:
+            wait_until(lambda: len(reader.records) >= len(ids), timeout=15)
+            self.assertEqual(reader.ids(), ids)
+            self.assertEqual([(r["event"], r["data"]) for r in reader.records],
+                             [(r["event"], r["data"]) for r in by_id])
+        for reader in late:
+            # The sync: the latest of each event as of its id-only block; then every id after it.
+            wait_until(lambda: reader.records and reader.records[-1]["id"] >= ids[-1], timeout=15)
+            synced = [r for r in reader.records if r["id"] <= reader.block]
+            latest_then = {}
+            for record in by_id:
+                if record["id"] <= reader.block:
+                    latest_then[record["event"]] = record["id"]
+            self.assertEqual([r["id"] for r in synced], sorted(latest_then.values()))
+            self.assertEqual(reader.ids()[len(synced):], [i for i in ids if i > reader.block])
+        for reader in early + late:
+            reader.close()
+
+    def test_a_slow_insert_holds_back_later_ones_so_no_subscriber_skips_it(self):
+        # Node 1's insert takes its id, then waits (on a row lock this test holds) before it
+        # commits; node 2 inserts meanwhile. With ids from a sequence node 2's record would
+        # commit first with the next id, and a subscriber reading id > last would skip node
+        # 1's for good. Here node 2's waits for node 1's, and both arrive in id order.
+        import psycopg
+        slow = unique_event(self)
+        publish(self.nodes[0], slow, "first version")
+        readers = [Reader(node) for node in self.nodes]
+        with psycopg.connect(self.url) as blocker:
+            blocker.execute("SELECT * FROM broker_latest WHERE event = %s FOR UPDATE", (slow,))
+            results = {}
+            first = threading.Thread(target=lambda: results.update(slow=publish(self.nodes[0], slow, "slow")))
+            first.start()
+            wait_until(lambda: sql(self.url, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] >= 1)
+            second = threading.Thread(target=lambda: results.update(fast=publish(self.nodes[1], "fast", "fast")))
+            second.start()
+            wait_until(lambda: "fast" in results
+                       or sql(self.url, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] >= 2)
+            time.sleep(0.3)
+            self.assertNotIn("slow", results)
+            blocker.rollback()                            # node 1's insert goes on and commits
+        first.join(TIMEOUT)
+        second.join(TIMEOUT)
+        self.assertEqual(results["fast"]["id"], results["slow"]["id"] + 1)
+        self.assertGreater(results["fast"]["timestamp"], results["slow"]["timestamp"])
+        for reader in readers:
+            wait_until(lambda: len(reader.records) >= 3)
+            time.sleep(0.2)                               # time to deliver anything out of order
+            self.assertEqual([(r["event"], r["data"]) for r in reader.records[1:]], [(slow, "slow"), ("fast", "fast")])
+            self.assertEqual(reader.ids()[1:], [results["slow"]["id"], results["fast"]["id"]])
+            reader.close()
+
+    def test_a_node_killed_with_kill_9_its_subscriber_resumes_on_another_with_exactly_what_it_missed(self):
+        victim = start_node(self, self.url, "--heartbeat", "0.5")
+        reader = Reader(victim[1])
+        acknowledged, stop = [], threading.Event()
+
+        def publish_until_stopped(node):
+            while not stop.is_set():
+                acknowledged.append(publish(node, "steady", len(acknowledged))["id"])
+        publishers = [threading.Thread(target=publish_until_stopped, args=(node,)) for node in self.nodes[:2]]
+        for thread in publishers:
+            thread.start()
+        wait_until(lambda: len(reader.records) >= 20)
+        victim[0].send_signal(signal.SIGKILL)
+        victim[0].wait()
+        reader.join(TIMEOUT)                               # its stream ends with the node
+        self.assertIsInstance(reader.error, (OSError, EOFError))
+        last = reader.ids()[-1]
+        time.sleep(0.2)
+        stop.set()
+        for thread in publishers:
+            thread.join()
+        resumed = Reader(self.nodes[2], last_event_id=last)
+        resumed.close()
+        self.assertEqual(reader.ids() + resumed.ids(), sorted(acknowledged))
+
+    def test_postgresql_stopped_and_started_inserts_fail_fast_streams_stay_and_catch_up(self):
+        readers = [Reader(node) for node in self.nodes]
+        publish(self.nodes[0], "before", 1)
+        for reader in readers:
+            wait_until(lambda: reader.ids() == [1])
+        SERVER.stop()
+        try:
+            for node in self.nodes:
+                started = time.monotonic()
+                status, body, _ = call(node, "POST", "/insert", {"event": "during", "data": 1})
+                self.assertEqual(status, 503, body)
+                self.assertLess(time.monotonic() - started, 3)         # --request-timeout is 10 s
+                self.assertIn("error", body)
+                status, body, _ = call(node, "GET", "/healthz")
+                self.assertEqual((status, body["status"], body["store"]), (503, "unavailable", "postgresql"))
+            beats = [reader.heartbeats for reader in readers]
+            for reader, before in zip(readers, beats):
+                wait_until(lambda: reader.heartbeats >= before + 2)          # the streams go on
+                self.assertIsNone(reader.error)
+        finally:
+            SERVER.start()
+        deadline = time.monotonic() + 15
+        while True:                    # the node reconnects by itself; until then, 503s
+            status, body, _ = call(self.nodes[1], "POST", "/insert", {"event": "after", "data": 2})
+            if status == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual(status, 200, body)
+        after = [body["id"]] + [publish(node, "after", 3)["id"] for node in self.nodes]
+        self.assertEqual(after, list(range(2, 6)))
+        for reader in readers:
+            wait_until(lambda: len(reader.records) >= 5, timeout=10)
+            self.assertEqual(reader.ids(), [1, *after])
+            self.assertIsNone(reader.error)
+            reader.close()
+        self.assertEqual(call(self.nodes[2], "GET", "/healthz")[1]["last_id"], 5)
