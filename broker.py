@@ -11,9 +11,10 @@
 
 Endpoints: POST /insert, GET /events, GET /audit/{event}, GET /healthz, GET /metrics. Python 3.9+.
 
-In file order: OPTIONS and small helpers (JSON, validation, JWT); Record and EventFilter; Store,
-the SQLite file (one write connection with group commit, read connections, pages bounded in
-bytes); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
+In file order: OPTIONS and small helpers (JSON, validation, JWT); Record and EventFilter; the
+stores: GroupCommit, then SQLiteStore, the SQLite file (one write connection, read connections,
+pages bounded in bytes), and PostgresStore, one database for several nodes (ids in commit order
+from a counter row, a follower thread for the other nodes' commits), and open_store(); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
 with blocking writes; StreamCounts and Fanout, the one thread writing every live stream; Pruner,
 history retention; Watchdog and ThreadPool (request deadlines, reused threads); Metrics (and
 SharedMetrics, one row per process), for GET /metrics; Server; HTTPHandler, HTTP without the
@@ -97,7 +98,7 @@ def worker_count(text):
 OPTIONS = [
     ("host",            "HOST",                   "127.0.0.1",       str,                        "address to bind (0.0.0.0 to expose)"),
     ("port",            "PORT",                   8080,              port_number,                "port; 0 picks a free one"),
-    ("db",              "BROKER_DB",              "./tmp/broker.db", str,                        "SQLite file; :memory: keeps nothing"),
+    ("db",              "BROKER_DB",              "./tmp/broker.db", str,                        "SQLite file (:memory: keeps nothing), or postgresql://user:password@host:port/dbname"),
     ("origin",          "BROKER_ORIGIN",          "*",               str,                        "the CORS origin allowed"),
     ("heartbeat",       "BROKER_HEARTBEAT",       15.0,              positive_number(float),     "seconds of silence before a keep-alive comment"),
     ("max_body",        "BROKER_MAX_BODY",        1048576,           positive_number(int),       "largest accepted /insert body, in bytes"),
@@ -905,9 +906,10 @@ class PostgresStore(GroupCommit):
     MAX_READERS = 8                  # read connections in use at once; each is a server process
     FOLLOW_CHECK = 1.0               # seconds the follower waits for a notification before reading anyway
     RETRY_PAUSE = 0.5                # seconds between the follower's attempts to reconnect
-    CONNECT_OPTIONS = {              # unless the URL says otherwise: fail fast when the server is gone
-        "connect_timeout": "5", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
-        "tcp_user_timeout": "10000", "application_name": "broker.py"}
+    CONNECT_OPTIONS = {              # unless the URL says otherwise: an insert fails well inside
+        "connect_timeout": "3",      # --request-timeout when the server is gone or unreachable
+        "tcp_user_timeout": "5000", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
+        "application_name": "broker.py"}
 
     def __init__(self, url, sync="full", on_commit=None, writes=True):
         super().__init__(on_commit)
@@ -915,6 +917,9 @@ class PostgresStore(GroupCommit):
             import psycopg
         except ImportError:
             raise ImportError('the PostgreSQL store needs psycopg 3: pip install "psycopg[binary]"') from None
+        if tuple(int(part) for part in re.findall(r"\d+", psycopg.__version__)[:2]) < (3, 2):
+            raise ImportError(f'the PostgreSQL store needs psycopg 3.2 or newer, not {psycopg.__version__}:'
+                              ' pip install -U "psycopg[binary]"')
         self._psycopg = psycopg
         self._url, self._sync = url, sync
         self._lock = threading.Lock()

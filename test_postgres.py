@@ -177,6 +177,10 @@ for _tests in (test_broker.InsertTests, test_broker.EventsTests, test_broker.Mat
     _name = "Postgres" + _tests.__name__
     globals()[_name] = type(_name, (_tests,), {"POSTGRES": None})
     CONTRACT_TESTS.append(globals()[_name])
+for _tests in (test_broker.InsertTests, test_broker.EventsTests, test_broker.MetricsTests):     # --workers 2: two nodes in one
+    _name = "PostgresWorker" + _tests.__name__
+    globals()[_name] = type(_name, (_tests,), {"POSTGRES": None, "WORKERS": 2})
+    CONTRACT_TESTS.append(globals()[_name])
 del _tests, _name
 
 
@@ -396,6 +400,7 @@ class NodesTests(unittest.TestCase):
         victim[0].send_signal(signal.SIGKILL)
         victim[0].wait()
         reader.join(TIMEOUT)                               # its stream ends with the node
+        reader.close()
         self.assertIsInstance(reader.error, (OSError, EOFError))
         last = reader.ids()[-1]
         time.sleep(0.2)
