@@ -929,7 +929,9 @@ class PostgresStore(GroupCommit):
         self._read_slots = threading.BoundedSemaphore(self.MAX_READERS)
         self._publish_lock = threading.Lock()
         self._published = None                # the last id passed to on_commit; None: not following
+        self._writer_pid = None               # the server process of the write connection
         self._db = self._connect()
+        self._writer_pid = self._db.info.backend_pid
         try:
             self._create_schema(self._db)
         except BaseException:
@@ -996,8 +998,9 @@ class PostgresStore(GroupCommit):
                     listener.execute(f"LISTEN {self.CHANNEL}")     # before reading: nothing slips between
                 with self._publish_lock:
                     self._catch_up(None)
-                for _ in listener.notifies(timeout=self.FOLLOW_CHECK, stop_after=1):
-                    pass
+                for notice in listener.notifies(timeout=self.FOLLOW_CHECK):
+                    if notice.pid != self._writer_pid:
+                        break                 # another node's commit (this one's passed on already)
             except Exception as error:
                 if not isinstance(error, (self._psycopg.Error, StoreError)):
                     traceback.print_exc()     # a bug: keep following all the same
@@ -1037,6 +1040,7 @@ class PostgresStore(GroupCommit):
             self._check_open()
             if self._db is None or self._db.closed:
                 self._db = self._connect()    # after a failure: a new connection, or a refusal
+                self._writer_pid = self._db.info.backend_pid
             try:
                 before_id, before_ts, _ = self._db.execute(self.INSERT, {
                     "n": len(rows), "events": [event for event, _ in rows], "datas": [data for _, data in rows],
@@ -1089,7 +1093,7 @@ class PostgresStore(GroupCommit):
     def event_names(self, after=""):
         """A page of the event names above after, in order."""
         return [name for name, in self._page("SELECT event FROM broker_latest WHERE event > %(after)s ORDER BY event",
-                                             {"after": after}, "event")]
+                                             {"after": after}, order="event", size="event")]
 
     def size_bytes(self):
         """The tables' size on disk, indexes included."""
@@ -1118,19 +1122,19 @@ class PostgresStore(GroupCommit):
             params["likes"] = likes
         chosen = wants is not None and wants.is_chosen() and None not in likes
         sql = sql.format(filter=f"AND ({' OR '.join(tests) or 'false'})" if chosen else "")
-        return [Record(*row) for row in self._page(sql, params, "id")]
+        return [Record(*row) for row in self._page(sql, params, order="id")]
 
     def audit(self, event, since=0, limit=PAGE_ROWS):
         """As SQLiteStore.audit."""
         return self._page("SELECT timestamp, data FROM broker_records WHERE event = %(event)s AND timestamp > %(since)s"
-                          " ORDER BY timestamp", {"event": event, "since": since}, "timestamp", min(limit, PAGE_ROWS))
+                          " ORDER BY timestamp", {"event": event, "since": since}, order="timestamp",
+                          max_rows=min(limit, PAGE_ROWS))
 
-    def _page(self, sql, params, order, max_rows=PAGE_ROWS):
-        """The first rows of sql (data last in each, ordered by the column order) up to
-        PAGE_BYTES of data, at least one row: the server counts the bytes, and sends no more."""
-        last = "data" if order != "event" else "event"
-        paged = (f"SELECT * FROM (SELECT page.*, sum(octet_length(page.{last})) OVER (ORDER BY page.{order}"
-                 f" ROWS UNBOUNDED PRECEDING) - octet_length(page.{last}) AS bytes_before FROM ({sql} LIMIT {int(max_rows)})"
+    def _page(self, sql, params, order, size="data", max_rows=PAGE_ROWS):
+        """The first rows of sql (ordered by its column order) up to PAGE_BYTES of its column
+        size, at least one row: the server counts the bytes, and sends no more."""
+        paged = (f"SELECT * FROM (SELECT page.*, sum(octet_length(page.{size})) OVER (ORDER BY page.{order}"
+                 f" ROWS UNBOUNDED PRECEDING) - octet_length(page.{size}) AS bytes_before FROM ({sql} LIMIT {int(max_rows)})"
                  f" AS page) AS sized WHERE bytes_before < {PAGE_BYTES} ORDER BY {order}")
         with self._reading() as db:
             return [row[:-1] for row in db.execute(paged, params)]

@@ -1219,14 +1219,8 @@ class MemoryTests(unittest.TestCase):
     DATA = "x" * 1000000
     GROWTH_MIB = 40
 
-    @classmethod
-    def setUpClass(cls):
-        cls.folder = tempfile.TemporaryDirectory()
-        cls.addClassCleanup(cls.folder.cleanup)
-
     def start(self):
-        process, server = run_broker_process(self, "--db", os.path.join(self.folder.name, f"{self.id()}.db"),
-                                             "--sync", "normal", "--write-timeout", "60")
+        process, server = run_broker_process(self, "--db", new_db(type(self)), "--sync", "normal", "--write-timeout", "60")
         self.publish_many(server, self.RECORDS)
         return process, server
 
@@ -1716,7 +1710,7 @@ class StaticTests(unittest.TestCase):
 
 class PersistenceTests(unittest.TestCase):
     def test_restart_on_the_same_file_keeps_everything(self):
-        db = temp_db(type(self))
+        db = new_db(type(self))
         with Broker(db=db, port=0, quiet=True) as first:
             a = first.publish("a", 1)
             b = first.publish("b", {"x": 2})

@@ -173,7 +173,8 @@ CONTRACT_TESTS = []
 for _tests in (test_broker.InsertTests, test_broker.EventsTests, test_broker.MatchTests, test_broker.BatchInsertTests,
                test_broker.AuditTests, test_broker.TokenTests, test_broker.JwtTests, test_broker.CorsTests,
                test_broker.RoutingTests, test_broker.FramingTests, test_broker.MetricsTests,
-               test_broker.RetentionTests, test_broker.SyncSnapshotTests, test_broker.ClientTests):
+               test_broker.RetentionTests, test_broker.SyncSnapshotTests, test_broker.ClientTests,
+               test_broker.PersistenceTests, test_broker.MemoryTests, test_broker.LimitTests):
     _name = "Postgres" + _tests.__name__
     globals()[_name] = type(_name, (_tests,), {"POSTGRES": None})
     CONTRACT_TESTS.append(globals()[_name])
