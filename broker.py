@@ -964,6 +964,10 @@ class PostgresStore(GroupCommit):
                     if found and mark != self.MARK:
                         raise StoreError(f"the database at {shown_db(self._url)} has a table {table} that is not"
                                          " broker.py's; refusing to touch it")
+                encoding = db.execute("SHOW server_encoding").fetchone()[0]
+                if encoding != "UTF8":
+                    raise StoreError(f"the database at {shown_db(self._url)} is encoded {encoding}; broker.py needs"
+                                     " UTF8 (CREATE DATABASE ... ENCODING 'UTF8')")
                 for statement in self.SCHEMA:
                     db.execute(statement)
         except self._psycopg.Error as error:
@@ -2631,11 +2635,16 @@ class Broker:
         self.metrics.observe("broker_commit_rows", len(records))
 
     def metrics_text(self):
-        """GET /metrics: the Prometheus text exposition."""
+        """GET /metrics: the Prometheus text exposition, also while the database is unreachable."""
+        try:
+            newest, size, up = self.newest_id(), self.store.size_bytes(), 1
+        except StoreError:
+            newest, size, up = self.hub.newest, 0, 0
         return self.metrics.render([
             ("broker_streams_open", "open /events streams", "gauge", self.streams.total()),
-            ("broker_newest_id", "the newest record id", "gauge", self.newest_id()),
-            ("broker_database_bytes", "the database's size on disk", "gauge", self.store.size_bytes()),
+            ("broker_newest_id", "the newest record id", "gauge", newest),
+            ("broker_database_bytes", "the database's size on disk", "gauge", size),
+            ("broker_database_up", "1 if the database could be read just now, else 0", "gauge", up),
             *process_gauges()])
 
     def stop(self):

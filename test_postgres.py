@@ -281,6 +281,14 @@ class StartTests(unittest.TestCase):
         self.assertEqual(tables(url), ["broker_records"])
         self.assertEqual(sql(url, "SELECT * FROM broker_records"), [("mine",)])
 
+    def test_a_database_not_encoded_utf8_is_refused(self):
+        name = f"latin_{free_port()}"
+        sql(SERVER.url(), f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0")
+        code, stderr = run_broker("--db", SERVER.url(name))
+        self.assertEqual(code, 1)
+        self.assertIn("is encoded LATIN1; broker.py needs UTF8", stderr)
+        self.assertEqual(tables(SERVER.url(name)), [])
+
     def test_nodes_starting_at_once_on_an_empty_database_create_the_tables_once(self):
         url = SERVER.new_database()
         processes = [subprocess.Popen([sys.executable, os.path.join(HERE, "broker.py"), "--port", "0", "--quiet",
@@ -427,6 +435,7 @@ class NodesTests(unittest.TestCase):
                 self.assertIn("error", body)
                 status, body, _ = call(node, "GET", "/healthz")
                 self.assertEqual((status, body["status"], body["store"]), (503, "unavailable", "postgresql"))
+                self.assertEqual(test_broker.metric(node, "broker_database_up"), 0)     # /metrics still answers
             beats = [reader.heartbeats for reader in readers]
             for reader, before in zip(readers, beats):
                 wait_until(lambda: reader.heartbeats >= before + 2)          # the streams go on

@@ -55,6 +55,7 @@ FAMILIES = {
     "broker_streams_open": "gauge",
     "broker_newest_id": "gauge",
     "broker_database_bytes": "gauge",
+    "broker_database_up": "gauge",
     "process_cpu_seconds": "counter",
     "process_max_fds": "gauge",
     "process_virtual_memory_bytes": "gauge",
