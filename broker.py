@@ -46,6 +46,7 @@ import os
 import queue
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
@@ -1031,7 +1032,7 @@ class PostgresStore(GroupCommit):
 
     def _committed(self, records, seconds):
         if self._published is None:
-            return                            # not following (the supervisor of --workers only checks)
+            return                            # not following yet
         try:
             self._catch_up(records[0].id - 1)     # other nodes' commits just before this one
         except StoreError:
@@ -1042,8 +1043,10 @@ class PostgresStore(GroupCommit):
     def _write(self, rows):
         with self._lock:
             self._check_open()
-            if self._db is None or self._db.closed:
-                self._db = self._connect()    # after a failure: a new connection, or a refusal
+            if not is_usable(self._db):
+                if self._db is not None:
+                    self._db.close()
+                self._db = self._connect()    # a new connection, or a refusal: the insert is not sent
                 self._writer_pid = self._db.info.backend_pid
             try:
                 before_id, before_ts, _ = self._db.execute(self.INSERT, {
@@ -1080,7 +1083,9 @@ class PostgresStore(GroupCommit):
         with self._lock:
             self._check_open()
             try:
-                if self._db is None or self._db.closed:
+                if not is_usable(self._db):
+                    if self._db is not None:
+                        self._db.close()
                     self._db = self._connect()
                 with self._db.transaction():
                     if not self._db.execute("SELECT pg_try_advisory_xact_lock(%s)", (self.PRUNE_LOCK,)).fetchone()[0]:
@@ -1150,7 +1155,9 @@ class PostgresStore(GroupCommit):
             with self._readers_lock:
                 self._check_open()
                 db = self._readers.pop() if self._readers else None
-            if db is None:
+            if not is_usable(db):
+                if db is not None:
+                    db.close()
                 db = self._connect()
             try:
                 yield db
@@ -1169,6 +1176,16 @@ class PostgresStore(GroupCommit):
     def _check_open(self):
         if self._closed:
             raise StoreError("the broker is shutting down")
+
+
+def is_usable(db):
+    """False for no connection, a closed one, or one the server has written to while it was idle:
+    that is its goodbye (PostgreSQL restarting, an idle timeout), so no statement is sent on it."""
+    if db is None or db.closed:
+        return False
+    idle = select.poll()              # not select(): a busy broker's descriptors pass 1024
+    idle.register(db.fileno(), select.POLLIN)
+    return not idle.poll(0)
 
 
 def is_postgres_url(db):

@@ -457,3 +457,23 @@ class NodesTests(unittest.TestCase):
             self.assertIsNone(reader.error)
             reader.close()
         self.assertEqual(call(self.nodes[2], "GET", "/healthz")[1]["last_id"], 5)
+
+
+class RestartTests(unittest.TestCase):
+    """PostgreSQL restarted while the nodes are idle: their first requests after it succeed."""
+
+    def test_after_a_quiet_restart_the_first_insert_and_sync_on_each_node_succeed(self):
+        url = SERVER.new_database()
+        nodes = [start_node(self, url)[1] for _ in range(2)]
+        for node in nodes:
+            publish(node, "warm", 1)                        # each node's connections are open and idle
+            with EventStream(node) as stream:
+                stream.read_sync()
+        SERVER.stop()
+        SERVER.start()
+        for n, node in enumerate(nodes):
+            status, body, _ = call(node, "POST", "/insert", {"event": "after", "data": n})
+            self.assertEqual(status, 200, body)
+            with EventStream(node) as stream:
+                self.assertEqual(stream.status, 200)
+                self.assertEqual([r["event"] for r in stream.read_sync()[0]], ["warm", "after"])
