@@ -459,8 +459,8 @@ class NodesTests(unittest.TestCase):
         self.assertEqual(call(self.nodes[2], "GET", "/healthz")[1]["last_id"], 5)
 
 
-class RestartTests(unittest.TestCase):
-    """PostgreSQL restarted while the nodes are idle: their first requests after it succeed."""
+class ReconnectTests(unittest.TestCase):
+    """What a node does when its connections or notifications fail it."""
 
     def test_after_a_quiet_restart_the_first_insert_and_sync_on_each_node_succeed(self):
         url = SERVER.new_database()
@@ -477,3 +477,14 @@ class RestartTests(unittest.TestCase):
             with EventStream(node) as stream:
                 self.assertEqual(stream.status, 200)
                 self.assertEqual([r["event"] for r in stream.read_sync()[0]], ["warm", "after"])
+
+    def test_a_commit_whose_notification_is_lost_still_arrives_by_the_periodic_check(self):
+        url = SERVER.new_database()
+        node = start_node(self, url)[1]
+        reader = Reader(node)
+        silent = broker.PostgresStore.INSERT.replace("pg_notify('broker_records'", "pg_notify('nobody_listens'")
+        self.assertNotEqual(silent, broker.PostgresStore.INSERT)
+        sql(url, silent, {"n": 1, "events": ["quiet"], "datas": ['"unannounced"']})
+        wait_until(lambda: reader.records, timeout=broker.PostgresStore.FOLLOW_CHECK + 3)
+        self.assertEqual(reader.records, [{"id": 1, "event": "quiet", "data": "unannounced"}])
+        reader.close()
