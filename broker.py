@@ -12,9 +12,10 @@
 Endpoints: POST /insert, GET /events, GET /audit/{event}, GET /healthz, GET /metrics. Python 3.9+.
 
 In file order: OPTIONS and small helpers (JSON, validation, JWT); Record and EventFilter; the
-stores: GroupCommit, then SQLiteStore, the SQLite file (one write connection, read connections,
-pages bounded in bytes), and PostgresStore, one database for several nodes (ids in commit order
-from a counter row, a follower thread for the other nodes' commits), and open_store(); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
+stores: Store (what both share: group commit), then SQLiteStore, the SQLite file (one write
+connection, read connections, pages bounded in bytes), and PostgresStore, one database for several
+nodes (ids in commit order from a counter row, a follower thread for the other nodes' commits), and
+open_store(); Hub, the newest id and a ring of recent records encoded once; BodyWriter, a body sent
 with blocking writes; StreamCounts and Fanout, the one thread writing every live stream; Pruner,
 history retention; Watchdog and ThreadPool (request deadlines, reused threads); Metrics (and
 SharedMetrics, one row per process), for GET /metrics; Server; HTTPHandler, HTTP without the
@@ -452,12 +453,14 @@ class PendingInsert:
         self.wake.acquire()
 
 
-class GroupCommit:
-    """Group commit, as both stores do it: the first caller to find no commit in flight becomes
-    the committer and writes, in one transaction, every insert queued so far (self._queue and
-    self._committing, guarded by self._queue_lock); the others wait on their own wake lock, so
-    a commit wakes only the inserters it holds, and the next one queued, which commits next.
-    A store implements _write(rows) -> records and _committed(records, seconds)."""
+class Store:
+    """What both stores share. Group commit: the first caller to find no commit in flight
+    becomes the committer and writes, in one transaction, every insert queued so far
+    (self._queue and self._committing, guarded by self._queue_lock); the others wait on their
+    own wake lock, so a commit wakes only the inserters it holds, and the next one queued, which
+    commits next. A store implements _write(rows) -> records and _committed(records, seconds),
+    and keeps its write connection in self._db (guarded by self._lock) and its idle read
+    connections in self._readers (guarded by self._readers_lock)."""
 
     MAX_BATCH = 1000
 
@@ -466,6 +469,24 @@ class GroupCommit:
         self._queue = []                      # PendingInserts not yet in a transaction
         self._committing = False
         self._on_commit = on_commit or (lambda records, seconds: None)
+        self._lock = threading.Lock()
+        self._db = None                       # the write connection
+        self._readers_lock = threading.Lock()
+        self._readers = []                    # idle read connections
+        self._closed = False
+
+    def close(self):
+        with self._lock, self._readers_lock:
+            self._closed = True
+            if self._db is not None:
+                self._db.close()
+            for db in self._readers:
+                db.close()
+            self._readers = []
+
+    def _check_open(self):
+        if self._closed:
+            raise StoreError("the broker is shutting down")
 
     def insert(self, event, data):
         """Store one record and return it once the transaction holding it has committed."""
@@ -531,13 +552,13 @@ class GroupCommit:
         self._committed(records, time.perf_counter() - started)
 
 
-class SQLiteStore(GroupCommit):
+class SQLiteStore(Store):
     """The SQLite file: the default store. Knows SQL, knows nothing of HTTP. A worker of
     --workers opens it with writes=False, to read: the supervisor's CommitServer commits for
     every worker, so every commit is this process's or comes through the CommitLink.
 
     self._lock guards every use of the write connection; inserts are group-committed
-    (GroupCommit). Reads go through connections of their own (self._readers, guarded by
+    (Store). Reads go through connections of their own (self._readers, guarded by
     self._readers_lock), so they never wait for a commit and keep working while writes fail;
     a :memory: database has only the one connection, so there reads take self._lock too.
     """
@@ -582,13 +603,8 @@ class SQLiteStore(GroupCommit):
     def __init__(self, path, sync="full", on_commit=None, writes=True):
         super().__init__(on_commit)
         self._path, self._sync = path, sync
-        self._lock = threading.Lock()
-        self._closed = False
         self._reopen = False                  # a write failed: the next one starts afresh
-        self._readers_lock = threading.Lock()
-        self._readers = []                    # idle read connections
-        self._db = None                       # a worker process reads only: the writer commits for it
-        if writes:
+        if writes:                            # else none: a worker's writer commits for it
             self._db = self._connect()
             self._last_ts = self._newest_timestamp()
 
@@ -622,15 +638,6 @@ class SQLiteStore(GroupCommit):
         if application_id != 0 or db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             raise StoreError(f"{self._path} is not a broker.py database (it holds other data); refusing to touch it")
         db.execute(f"PRAGMA application_id={self.APPLICATION_ID}")
-
-    def close(self):
-        with self._lock, self._readers_lock:
-            self._closed = True
-            if self._db is not None:
-                self._db.close()
-            for db in self._readers:
-                db.close()
-            self._readers = []
 
     def newest_id(self):
         with self._reading() as db:
@@ -816,16 +823,12 @@ class SQLiteStore(GroupCommit):
             raise StoreError(f"the database cannot be read: {error}") from None
         return db
 
-    def _check_open(self):
-        if self._closed:
-            raise StoreError("the broker is shutting down")
-
     def _newest_timestamp(self):
         row = self._db.execute("SELECT timestamp FROM records ORDER BY id DESC LIMIT 1").fetchone()
         return row[0] if row else 0
 
 
-class PostgresStore(GroupCommit):
+class PostgresStore(Store):
     """PostgreSQL, for several broker nodes (processes or machines) on one database: the same
     surface as SQLiteStore, and SQL that differs lives here. psycopg 3 is imported here, and
     only when a postgresql:// URL asks for it.
@@ -835,7 +838,7 @@ class PostgresStore(GroupCommit):
     ids are given in commit order without gaps, and no record ever becomes visible below an id
     already seen (with a sequence, 42 could commit before 41, and a reader past 42 would skip
     41). Timestamps follow the database's clock, bumped past the last one given, so they grow
-    strictly whatever the nodes' clocks say. Group commit makes it one round trip per batch.
+    strictly whatever the nodes' clocks say. Group commit (Store) makes it one round trip per batch.
 
     Every record reaches on_commit in id order, whoever committed it: this node's commits
     right after they commit (with any other node's before them, read first), the others'
@@ -923,10 +926,6 @@ class PostgresStore(GroupCommit):
                               ' pip install -U "psycopg[binary]"')
         self._psycopg = psycopg
         self._url, self._sync = url, sync
-        self._lock = threading.Lock()
-        self._closed = False
-        self._readers_lock = threading.Lock()
-        self._readers = []                    # idle read connections
         self._read_slots = threading.BoundedSemaphore(self.MAX_READERS)
         self._publish_lock = threading.Lock()
         self._published = None                # the last id passed to on_commit; None: not following
@@ -973,15 +972,6 @@ class PostgresStore(GroupCommit):
                     db.execute(statement)
         except self._psycopg.Error as error:
             raise StoreError(f"cannot set up the database at {shown_db(self._url)}: {one_line(error)}") from None
-
-    def close(self):
-        with self._lock, self._readers_lock:
-            self._closed = True
-            if self._db is not None:
-                self._db.close()
-            for db in self._readers:
-                db.close()
-            self._readers = []
 
     def newest_id(self):
         with self._reading() as db:
@@ -1172,10 +1162,6 @@ class PostgresStore(GroupCommit):
                     db = None
             if db is not None:
                 db.close()
-
-    def _check_open(self):
-        if self._closed:
-            raise StoreError("the broker is shutting down")
 
 
 def is_usable(db):
@@ -2983,10 +2969,10 @@ class CommitServer:
 
     @staticmethod
     def _batches(inserts):
-        """inserts, in order, in transactions of about GroupCommit.MAX_BATCH rows."""
+        """inserts, in order, in transactions of about Store.MAX_BATCH rows."""
         batch, rows = [], 0
         for pending in inserts:
-            if batch and rows + len(pending.rows) > GroupCommit.MAX_BATCH:
+            if batch and rows + len(pending.rows) > Store.MAX_BATCH:
                 yield batch
                 batch, rows = [], 0
             batch.append(pending)
