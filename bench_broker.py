@@ -7,6 +7,9 @@
     python bench_broker.py --scenarios fanout,insert --subscribers 1000 --repeat 3
     python bench_broker.py --servers floor            # the harness alone, without broker.py
     python bench_broker.py --scenarios throughput,insert,fanout,connect --workers 1,2
+    .venv/bin/python bench_broker.py --quick --db postgres                # the scenarios on PostgreSQL
+    .venv/bin/python bench_broker.py --scenarios nodes --db postgres      # two broker nodes, one database
+    .venv/bin/python bench_broker.py --db postgresql://me@127.0.0.1/db    # on a server of yours
 
 Starts `python broker.py --port 0 --db <temp file> --quiet` and the floor (this file with
 --serve-floor, same flags), drives each from separate client processes over non-blocking loopback
@@ -15,12 +18,22 @@ with broker / floor ratios beside the targets; --json keeps the same tables. On 
 2-core machine only the ratios and the CPU-per-operation figures mean much.
 --workers 1,2 adds broker.py --workers 2 beside them in the throughput, insert, fanout and connect
 scenarios, with its ratio to one process; its CPU and memory are those of the parent and every worker.
-Only 127.0.0.1 is ever contacted. Linux (epoll, /proc), Python 3.9+, standard library only.
+--db postgres gives each broker a new database on a private PostgreSQL cluster instead of a temp
+file (test_postgres.PostgresServer, fsync on: a commit as durable as SQLite's --sync full);
+--db postgresql://... uses that server, whose user must be allowed to CREATE DATABASE (the bench
+drops what it made). Either needs psycopg, so run the bench with .venv/bin/python: the brokers are
+started with the same interpreter. On PostgreSQL, tables also show the CPU of the PostgreSQL server
+(the postmaster and its children, the backends), and the nodes scenario runs: two brokers on one
+database, the fan-out latency on the publisher's node and on the other, and inserts per s beside
+SQLite in one process, with what limits each run (CPU per process group, run-queue wait, iowait).
+Only 127.0.0.1 (and the server of a --db URL) is ever contacted. Linux (epoll, /proc), Python 3.9+,
+standard library only (psycopg for PostgreSQL).
 """
 import argparse
 import array
 import ctypes
 import errno
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -35,6 +48,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 
 HOST = "127.0.0.1"                 # loopback only: nothing here ever talks to another address
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,6 +63,7 @@ RING_BYTES = 16 << 20              # broker.py's RING_BYTES: a reader further be
 PAGE_BYTES = 1 << 20               # broker.py's PAGE_BYTES: what it may hold for a reader beyond the sockets
 BATCH_RECORDS = 100                # batch: records in each POST /insert array
 BATCH_PUBLISHERS = 8               # ... and keep-alive connections, for single inserts and batches alike
+NODES_PUBLISHERS = 8               # nodes: keep-alive /insert connections, over 2 client processes
 RETENTION_EVENTS = 100             # retention: distinct events the inserts cycle through
 RETENTION_KEEP = 10                # ... --keep-versions of the broker that prunes
 RETENTION_BATCH = 1000             # ... records per POST /insert array (broker.py's largest)
@@ -84,17 +99,24 @@ SIZES = [
     ("history_load_seconds", 30.0,       420.0,       "history: stop loading after this long"),
     ("retention_inserts",    200000,     1000000,     f"retention: records on {RETENTION_EVENTS} events"),
     ("retention_rate",       0.0,        0.0,         "retention: records per s, 0 as fast as acknowledged"),
+    ("nodes_subscribers",    1000,       1000,        "nodes: idle subscribers, split over the nodes (fanout's "
+                                                      "--records at --rate)"),
+    ("nodes_seconds",        3.0,        5.0,         f"nodes: seconds of inserts from {NODES_PUBLISHERS} "
+                                                      "publishers, per store"),
     ("repeat",               1,          2,           "runs per server, interleaved broker, floor, ..."),
 ]
-SCENARIOS = ("fanout", "crowd", "slow", "throughput", "memory", "connect", "insert", "batch", "history",
-             "retention")
+SCENARIOS = ("fanout", "crowd", "slow", "throughput", "memory", "connect", "insert", "batch", "nodes",
+             "history", "retention")
 ON_REQUEST = ("retention",)        # run only when named in --scenarios: a million inserts take 90 s
+POSTGRES_ONLY = ("nodes",)         # several brokers on one database: with --db postgres or a URL only
 WORKER_SCENARIOS = ("fanout", "throughput", "connect", "insert")   # a broker per --workers count, side by side
 CROSS_WORKER_P99 = 1.5             # issue 10: fan-out p99 on other workers / on the publisher's worker,
 CROSS_WORKER_AT = (1000, 20.0)     # ... at this many subscribers and records per second
 WORKERS_NOTE = ("N workers: broker.py --workers N, its server CPU, run-queue wait and RSS summed over the "
                 "parent and every worker (shared pages count once per process)")
 RATIO_NOTE = "; 'N workers / 1' is its figure over that of broker.py in one process"
+CROSS_NODE_P99 = 2.0               # fan-out p99 on the other node / on the publisher's node, at CROSS_WORKER_AT
+BROKER_TABLES = ("broker_records", "broker_latest", "broker_counter")   # broker.py's PostgresStore.TABLES
 
 
 # --- small helpers: statistics, /proc, limits -----------------------------------------------------
@@ -115,7 +137,7 @@ def latency_summary(nanoseconds):
 
 
 def per(total, count, scale=1.0):
-    return None if not count else total * scale / count
+    return None if not count or total is None else total * scale / count
 
 
 def stat_fields(pid):
@@ -184,16 +206,47 @@ def runqueue_seconds(pid):
     return total / 1e9
 
 
+def machine_ticks():
+    """(busy, iowait, steal, all) clock ticks of every CPU since boot, from /proc/stat's cpu line."""
+    with open("/proc/stat") as file:
+        ticks = [int(field) for field in file.readline().split()[1:9]]    # guest time is in user already
+    user, nice, system, _idle, iowait, irq, softirq, steal = ticks
+    return user + nice + system + irq + softirq, iowait, steal, sum(ticks)
+
+
 class Meter:
-    """A server's CPU time and run-queue wait (every process of it) from creation to read()."""
+    """A server's CPU time and run-queue wait (every process of it) from creation to read(); the
+    same of the PostgreSQL server it uses, if any (server.database); and the whole machine's."""
 
     def __init__(self, server):
-        self.server = server
+        self.server, self.database = server, server.database
+        self.started, self.machine = time.monotonic(), machine_ticks()
         self.cpu, self.waited = server.cpu_seconds(), server.waited_seconds()
+        self.database_cpu, self.database_waited = self._database_now()
 
     def read(self):
         """(CPU seconds used, seconds spent waiting for a CPU) since the meter was made."""
         return self.server.cpu_seconds() - self.cpu, self.server.waited_seconds() - self.waited
+
+    def read_database(self):
+        """As read(), for the PostgreSQL server: (None, None) on SQLite or when it runs elsewhere."""
+        cpu, waited = self._database_now()
+        if cpu is None:
+            return None, None
+        return cpu - self.database_cpu, waited - self.database_waited
+
+    def _database_now(self):
+        if self.database is None or self.database.postmaster is None:
+            return None, None
+        return self.database.cpu_seconds(), self.database.waited_seconds()
+
+    def read_machine(self):
+        """Seconds since the meter was made, and the % of every CPU's time busy, in iowait and
+        stolen by the hypervisor meanwhile."""
+        now = machine_ticks()
+        busy, iowait, steal, ticks = (after - before for after, before in zip(now, self.machine))
+        return (time.monotonic() - self.started, per(busy, ticks, 100), per(iowait, ticks, 100),
+                per(steal, ticks, 100))
 
 
 def memory_kib(pid, field):
@@ -583,14 +636,17 @@ class ServerProcess:
 
     live = set()      # started and not yet stopped: cleanup() kills these on any exit
 
-    def __init__(self, kind, command, workdir, workers=1):
+    def __init__(self, kind, command, workdir, workers=1, name=None, db=None, database=None):
         self.kind, self.command, self.workdir, self.workers = kind, command, workdir, workers
+        self.name = name or kind  # its output files' name: nodes of one kind run at once
+        self.db = db              # its --db: a file, or a postgresql:// URL
+        self.database = database  # the PostgresDatabases db is on; None on SQLite
         self.process = self.port = None
         self.exit_code = self.stop_seconds = None
 
     def start(self, timeout=20.0):
-        self.stdout = open(os.path.join(self.workdir, f"{self.kind}.out"), "w+")
-        self.stderr = open(os.path.join(self.workdir, f"{self.kind}.err"), "w+")
+        self.stdout = open(os.path.join(self.workdir, f"{self.name}.out"), "w+")
+        self.stderr = open(os.path.join(self.workdir, f"{self.name}.err"), "w+")
         # --workers decides how many processes a broker has, not the caller's environment.
         environment = {name: value for name, value in os.environ.items() if name != "BROKER_WORKERS"}
         self.process = subprocess.Popen(self.command, stdout=self.stdout, stderr=self.stderr,
@@ -605,7 +661,7 @@ class ServerProcess:
                 self.port = int(found.group(1))
             elif self.process.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"{self.kind} did not start: {' '.join(self.command)}\n{self.stderr_tail()}")
+                raise RuntimeError(f"{self.name} did not start: {' '.join(self.command)}\n{self.stderr_tail()}")
             else:
                 time.sleep(0.02)
         if self.workers > 1:
@@ -673,7 +729,7 @@ class ServerProcess:
         outlived = kill_survivors(workers)
         if self.exit_code != 0 or self.stop_seconds > 2 or errors or outlived:
             orphans = f"; {outlived} of its processes outlived it and were killed" if outlived else ""
-            log(f"  ! {self.kind} exited with {self.exit_code}, {self.stop_seconds:.1f} s after SIGTERM"
+            log(f"  ! {self.name} exited with {self.exit_code}, {self.stop_seconds:.1f} s after SIGTERM"
                 f"{orphans}\n{errors}")
         self.stdout.close()
         self.stderr.close()
@@ -723,6 +779,137 @@ def kill_survivors(processes, patience=2.0):
         except ProcessLookupError:
             pass
     return len(alive)
+
+
+class Nodes:
+    """broker.py nodes on one database, started one after the other and measured as one server
+    (a Meter reads it): CPU and run-queue wait summed over the nodes; database is the PostgreSQL
+    server they share (None for a single node on SQLite)."""
+
+    def __init__(self, bench, count, extra=(), store=None):
+        self.servers = [bench.server(bench.broker, extra, store=store)]
+        try:
+            for _ in range(count - 1):
+                self.servers.append(bench.server(bench.broker, extra, db=self.servers[0].db))
+        except BaseException:
+            self.stop()
+            raise
+        self.database = self.servers[0].database
+        self.exit_code = self.stop_seconds = None
+
+    @property
+    def ports(self):
+        return [server.port for server in self.servers]
+
+    def cpu_seconds(self):
+        return sum(server.cpu_seconds() for server in self.servers)
+
+    def waited_seconds(self):
+        return sum(server.waited_seconds() for server in self.servers)
+
+    def stop(self):
+        """Stop every node; exit_code is the first that is not 0, stop_seconds the longest stop."""
+        for server in self.servers:
+            server.stop()
+        codes = [server.exit_code for server in self.servers]
+        self.exit_code = next((code for code in codes if code != 0), 0)
+        self.stop_seconds = max(server.stop_seconds or 0 for server in self.servers)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class PostgresDatabases:
+    """The PostgreSQL server of --db postgres (a private cluster: test_postgres.PostgresServer,
+    fsync on, so a commit is as durable as SQLite's --sync full) or of --db postgresql://...,
+    whose user must be allowed to CREATE DATABASE. new() makes each broker start an empty
+    database of its own; close() drops those made on a server of the user's, or removes the
+    private cluster whole. The server's CPU and run-queue wait are those of the postmaster and
+    every child of it (a backend per connection, the WAL writer, autovacuum, ...), read from /proc
+    when the server runs on this machine. psycopg is imported here, and only for PostgreSQL."""
+
+    def __init__(self, url=None):
+        import psycopg
+        self.psycopg = psycopg
+        self.cluster, self.created = None, []
+        if url is None:
+            from test_postgres import PostgresServer
+            self.cluster = PostgresServer(fsync=True)
+            url = self.cluster.url()
+        self.url = url
+        try:
+            with self.connect(url) as db:
+                self.version = db.execute("SHOW server_version").fetchone()[0].split()[0]   # "15.18 (Debian ...)"
+                may_create = db.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user"
+                                        ).fetchone()[0]
+                self.postmaster = postmaster_of(db.execute("SELECT pg_backend_pid()").fetchone()[0])
+            if not may_create:
+                raise RuntimeError(f"the user of {url} may not CREATE DATABASE, and every broker start gets "
+                                   f"a new one: ALTER ROLE ... CREATEDB, or use --db postgres")
+        except BaseException:
+            self.close()
+            raise
+
+    def describe(self):
+        address = urllib.parse.urlsplit(self.url)
+        where = "a private cluster, fsync on" if self.cluster else f"{address.hostname}:{address.port or 5432}"
+        return f"PostgreSQL {self.version} ({where})"
+
+    def connect(self, url):
+        return self.psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+    def new(self):
+        """The postgresql:// URL of a new, empty database on the server."""
+        name = f"bench_broker_{os.getpid()}_{len(self.created) + 1}"
+        with self.connect(self.url) as db:
+            db.execute(f"CREATE DATABASE {name}")
+        self.created.append(name)
+        return urllib.parse.urlsplit(self.url)._replace(path="/" + name).geturl()
+
+    def tables_mib(self, url):
+        """broker.py's tables in the database at url, with their indexes and TOAST, in MiB."""
+        with self.connect(url) as db:
+            size = db.execute("SELECT coalesce(sum(pg_total_relation_size(to_regclass(name))), 0)"
+                              " FROM unnest(%s::text[]) AS name", (list(BROKER_TABLES),)).fetchone()[0]
+        return int(size) / 2 ** 20
+
+    def cpu_seconds(self):
+        # cutime too: a backend that ended (its broker stopped) leaves its CPU time in the postmaster's.
+        return summed_over(process_tree(self.postmaster), cpu_and_reaped_seconds)
+
+    def waited_seconds(self):
+        return summed_over(process_tree(self.postmaster), runqueue_seconds)
+
+    def close(self):
+        if self.cluster is not None:
+            self.cluster.close()
+            return
+        try:
+            with self.connect(self.url) as db:
+                for name in self.created:
+                    db.execute(f"DROP DATABASE IF EXISTS {name}")
+        except self.psycopg.Error as error:
+            log(f"could not drop the databases made on {urllib.parse.urlsplit(self.url).netloc}: "
+                f"{', '.join(self.created)}: {error}")
+
+
+def is_postgres_url(db):
+    return db.startswith(("postgresql://", "postgres://"))      # as broker.py tells its stores apart
+
+
+def postmaster_of(backend):
+    """The postmaster's pid: the parent of the backend serving a connection, if that backend is a
+    process of this machine (its command line says postgres); else None."""
+    try:
+        with open(f"/proc/{backend}/cmdline", "rb") as file:
+            if not file.read().startswith(b"postgres"):
+                return None
+        return int(stat_fields(backend)[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # --- client processes ---------------------------------------------------------------------------------
@@ -1026,16 +1213,19 @@ def merge_by_worker(parts):
 
 
 class SubscriberPool:
-    """`count` subscribers spread over client processes: the parent's handle on them."""
+    """`count` subscribers spread over client processes: the parent's handle on them. port may be
+    a list (broker nodes): the processes take its ports in turn."""
 
     def __init__(self, bench, port, count, path="/events", sync_timeout=None):
-        processes = max(1, min(bench.args.client_procs, count // 50))
+        ports = port if isinstance(port, list) else [port]
+        processes = max(len(ports), min(bench.args.client_procs, count // 50))
         self.count = count
         self.sync_timeout = sync_timeout or max(30.0, count / 100)
         inflight = split_evenly(bench.args.inflight, processes)
+        self.ports = [ports[i % len(ports)] for i in range(processes)]
         self.workers = [ClientProcess(subscriber_worker, port=port, count=share, inflight=max(1, limit),
                                       path=path, sync_timeout=self.sync_timeout)
-                        for share, limit in zip(split_evenly(count, processes), inflight)]
+                        for port, share, limit in zip(self.ports, split_evenly(count, processes), inflight)]
         for worker in self.workers:
             worker.receive(30)
         for worker in self.workers:
@@ -1069,8 +1259,14 @@ class SubscriberPool:
         for key in ("latencies_by_worker", "subscribers_by_worker"):
             merged[key] = merge_by_worker(r[key] for r in reports)
         merged["latencies"] = [ns for latencies in merged["latencies_by_worker"].values() for ns in latencies]
+        merged["latencies_by_port"] = merge_by_worker(
+            {port: array.array("q", [ns for part in r["latencies_by_worker"].values() for ns in part])}
+            for port, r in zip(self.ports, reports))
+        merged["subscribers_by_port"] = merge_by_worker(
+            {port: sum(r["subscribers_by_worker"].values())} for port, r in zip(self.ports, reports))
         merged["last_frame_ns"] = max(r["last_frame_ns"] for r in reports)
         merged["client_cpu_pct"] = max(per(r["cpu"], r["wall"], 100) or 0 for r in reports)
+        merged["client_cpu_s"] = sum(r["cpu"] for r in reports)
         return merged
 
     def close(self):
@@ -1342,8 +1538,9 @@ def publish(bench, server, count, seconds, event, connections=1, rate=0.0, disti
 # --- the report ---------------------------------------------------------------------------------------
 
 # A row's target is None, one (op, limit) or a list of them. Ops ending in x are ratios to the floor,
-# in w ratios to the broker in one process (judged for each broker with workers); the rest are values.
-TARGET_TEXT = {"<=x": "<= {}x floor", ">=x": ">= {}x floor", "<=w": "<= {}x 1 worker", ">=w": ">= {}x 1 worker",
+# in w ratios to the table's base (the broker in one process unless it names another; judged for each
+# other broker column); the rest are values.
+TARGET_TEXT = {"<=x": "<= {}x floor", ">=x": ">= {}x floor", "<=w": "<= {}x {base}", ">=w": ">= {}x {base}",
                "<=": "<= {}", "<": "< {}", ">=": ">= {}", "==": "= {}"}
 TARGET_TEST = {"<=x": lambda v, t: v <= t, ">=x": lambda v, t: v >= t, "<=w": lambda v, t: v <= t,
                ">=w": lambda v, t: v >= t, "<=": lambda v, t: v <= t, "<": lambda v, t: v < t,
@@ -1399,14 +1596,16 @@ def median_of(runs, key):
 class Table:
     """One scenario's figures: rows of (label, run key, target), medians of the runs per server.
     Servers come in the order of runs: brokers (one per --workers count, the first compared with
-    the floor), then the floor; each broker with workers also gets a column of its ratio to 1 worker."""
+    the floor), then the floor; each broker with workers also gets a column of its ratio to 1 worker.
+    base = (kind, in the header, in targets) names another column for those ratios, as the nodes
+    scenario compares PostgreSQL with SQLite."""
 
-    def __init__(self, title, runs, rows, notes=()):
+    def __init__(self, title, runs, rows, notes=(), base=None):
         self.title, self.runs, self.rows, self.notes = title, runs, rows, list(notes)
         self.kinds = [kind for kind in runs if runs[kind]]
         self.brokers = [kind for kind in self.kinds if kind != "floor"]
-        single = broker_kind(1)
-        self.scaled = [kind for kind in self.brokers if kind != single] if single in self.brokers else []
+        self.base, self.base_header, self.base_text = base or (broker_kind(1), "1", "1 worker")
+        self.scaled = [kind for kind in self.brokers if kind != self.base] if self.base in self.brokers else []
         self.floor_ratio = bool(self.brokers) and "floor" in self.kinds
 
     def figures(self):
@@ -1415,7 +1614,7 @@ class Table:
         for label, key, target in self.rows:
             values = {kind: median_of(self.runs[kind], key) for kind in self.kinds}
             first = values[self.brokers[0]] if self.brokers else None
-            to_single = {kind: ratio(values[kind], values[broker_kind(1)]) for kind in self.scaled}
+            to_single = {kind: ratio(values[kind], values[self.base]) for kind in self.scaled}
             targets = [] if target is None else target if isinstance(target, list) else [target]
             judged = [self.judge(op, limit, values, to_single) for op, limit in targets]
             yield (label, key, values, ratio(first, values.get("floor")), to_single,
@@ -1430,18 +1629,22 @@ class Table:
             judged = [(kind, ratio(values[kind], values.get("floor"))) for kind in self.brokers]
         else:
             judged = [(kind, values[kind]) for kind in self.brokers]
-        return (TARGET_TEXT[op].format(limit), verdict_over(op, limit, judged)) if judged else None
+        if not judged:
+            return None
+        return TARGET_TEXT[op].format(limit, base=self.base_text), verdict_over(op, limit, judged)
 
     def lines(self):
         repeats = max(len(self.runs[kind]) for kind in self.kinds)
+        scaled = {kind: f"{kind} / {self.base_header}" for kind in self.scaled}
+        widths = {kind: max(15, len(header) + 2) for kind, header in scaled.items()}
         out = [f"== {self.title}" + (f"  (median of {repeats} runs each)" if repeats > 1 else ""),
                f"  {'':38}" + "".join(f"{kind:>12}" for kind in self.kinds)
                + (f"{'broker/floor':>14}" if self.floor_ratio else "")
-               + "".join(f"{kind + ' / 1':>15}" for kind in self.scaled) + "  target"]
+               + "".join(f"{header:>{widths[kind]}}" for kind, header in scaled.items()) + "  target"]
         for label, _key, values, quotient, to_single, judged in self.figures():
             line = f"  {label:38}" + "".join(f"{number(values[kind]):>12}" for kind in self.kinds)
             line += f"{number(quotient):>14}" if self.floor_ratio else ""
-            line += "".join(f"{number(to_single[kind]):>15}" for kind in self.scaled)
+            line += "".join(f"{number(to_single[kind]):>{widths[kind]}}" for kind in self.scaled)
             if judged:
                 (text, verdict), *more = judged
                 line += f"  {text:16} {verdict}" + "".join(f"; {text} {verdict}" for text, verdict in more)
@@ -1450,7 +1653,8 @@ class Table:
 
     def to_json(self):
         rows = [{"metric": label, "key": key, **values, "ratio": quotient,
-                 **({"ratio_to_1_worker": to_single} if to_single else {}),
+                 **({f"ratio_to_{'1_worker' if self.base == broker_kind(1) else self.base}": to_single}
+                    if to_single else {}),
                  "target": "; ".join(text for text, _ in judged) or None,
                  "verdict": "; ".join(verdict for _, verdict in judged) or None}
                 for label, key, values, quotient, to_single, judged in self.figures()]
@@ -1482,11 +1686,13 @@ class SeriesTable:
 # --- the benchmark ------------------------------------------------------------------------------------
 
 class Bench:
-    """The settings, the servers' command lines and a scratch folder shared by every scenario.
-    Servers go by kind: "floor", and a broker_kind() for each --workers count."""
+    """The settings, the servers' command lines, a scratch folder and, with --db postgres, the
+    PostgresDatabases, shared by every scenario. Servers go by kind: "floor", and a broker_kind()
+    for each --workers count."""
 
-    def __init__(self, args, workdir):
-        self.args, self.workdir = args, workdir
+    def __init__(self, args, workdir, postgres=None):
+        self.args, self.workdir, self.postgres = args, workdir, postgres
+        self.store_name = "PostgreSQL" if postgres else "SQLite"
         self.workers = {broker_kind(n): n for n in args.workers} if "broker" in args.servers else {}
         brokers, floor = list(self.workers), [kind for kind in ("floor",) if kind in args.servers]
         self.broker = brokers[0] if brokers else None     # the one broker most scenarios run
@@ -1504,28 +1710,33 @@ class Bench:
         return [self.args.python, os.path.abspath(__file__), "--serve-floor", "--port", "0",
                 "--db", db, "--quiet"]
 
-    def server(self, kind, extra=()):
-        """A fresh server of that kind on a fresh database, started and ready; extra arguments
+    def server(self, kind, extra=(), db=None, store=None):
+        """A server of that kind, started and ready, on db (a node joining another's database)
+        or on a fresh database: a new PostgreSQL one for a broker with --db postgres (unless store
+        is "sqlite"), else a file in the scratch folder, which the floor ignores. Extra arguments
         (broker.py only) come after --broker-arg's, so they win."""
         self.servers_started += 1
-        db = os.path.join(self.workdir, f"{kind}-{self.servers_started}.db")
-        server = ServerProcess(kind, self.command(kind, db, extra), self.workdir, self.workers.get(kind, 1))
-        server.db = db
+        name = f"{kind}-{self.servers_started}"
+        if db is None:
+            on_postgres = self.postgres is not None and kind in self.workers and store != "sqlite"
+            db = self.postgres.new() if on_postgres else os.path.join(self.workdir, f"{name}.db")
+        server = ServerProcess(kind, self.command(kind, db, extra), self.workdir, self.workers.get(kind, 1), name,
+                               db, self.postgres if is_postgres_url(db) else None)
         return server.start()
 
     def has_workers(self, kinds):
         """Whether any of these kinds is a broker with more than one worker."""
         return any(self.workers.get(kind, 1) > 1 for kind in kinds)
 
-    def interleaved(self, label, run_once, kinds=None, repeat=None):
+    def interleaved(self, label, run_once, kinds=None, repeat=None, start=None):
         """run_once(server) on fresh servers, each kind in turn (brokers, then the floor), --repeat
-        times each."""
+        times each; start(kind) starts one (self.server unless given, e.g. to start Nodes)."""
         runs = {kind: [] for kind in kinds or self.kinds}
         repeat = repeat or self.args.repeat
         for attempt in range(repeat):
             for kind in runs:
                 log(f"  {label}: {kind} run {attempt + 1}/{repeat}")
-                with self.server(kind) as server:
+                with (start or self.server)(kind) as server:
                     result = run_once(server)
                 result["stop_seconds"], result["exit_code"] = server.stop_seconds, server.exit_code
                 runs[kind].append(result)
@@ -1535,6 +1746,11 @@ class Bench:
 # Time the server's threads were ready to run but had no CPU: for the one-thread floor that means a busy
 # machine; the broker's threads also queue behind one another (8 publishers: 8 handler threads).
 NOISE_ROW = ("server threads waiting for a CPU ms", "waited_ms", None)
+
+
+def postgres_rows(bench, *rows):
+    """Rows of the PostgreSQL server's own figures (its CPU is not the broker's): only with --db postgres."""
+    return list(rows) if bench.postgres else []
 
 
 def delivery_figures(live, sync, expected_pairs):
@@ -1555,10 +1771,12 @@ def fanout_run(bench, server, count):
                             rate=args.rate)
         live = pool.collect(published["ids"], grace=10)
         cpu, waited = meter.read()
+        database_cpu, _ = meter.read_database()
     split = worker_split(live, published, server.workers) if server.workers > 1 else {}
     figures = delivery_figures(live, sync, len(published["ids"]) * sync["synced"])
     figures.update(acked=len(published["ids"]), slip_s=published["slip"], waited_ms=waited * 1000,
-                   cpu_us_per_delivery=per(cpu, figures["delivered"], 1e6), **split)
+                   cpu_us_per_delivery=per(cpu, figures["delivered"], 1e6),
+                   postgres_us_per_record=per(database_cpu, len(published["ids"]), 1e6), **split)
     return figures
 
 
@@ -1610,6 +1828,7 @@ def scenario_fanout(bench):
             ("out of order", "disordered", ("==", 0)),
             ("streams closed by the server", "closed", ("==", 0)),
             ("server CPU us per delivery", "cpu_us_per_delivery", [("<=x", 1.3), ("<=w", 1)]),
+            *postgres_rows(bench, ("PostgreSQL CPU us per record", "postgres_us_per_record", None)),
             ("publisher schedule slip s", "slip_s", ("<", 0.1)),
             ("client CPU % (busiest process)", "client_cpu_pct", None),
             NOISE_ROW,
@@ -1635,9 +1854,11 @@ def crowd_run(bench, server):
                             "crowd", rate=CROWD_RATE)
         live = pool.collect(published["ids"], grace=30)
         cpu, waited = meter.read()
+        database_cpu, _ = meter.read_database()
     figures = delivery_figures(live, sync, len(published["ids"]) * sync["synced"])
     figures.update(connect_s=sync["span"], rss_mib=rss / 1024, slip_s=published["slip"],
                    waited_ms=waited * 1000, cpu_us_per_delivery=per(cpu, figures["delivered"], 1e6),
+                   postgres_us_per_record=per(database_cpu, len(published["ids"]), 1e6),
                    missing=figures["expected"] - figures["delivered"] + figures["duplicated"])
     return figures
 
@@ -1657,6 +1878,7 @@ def scenario_crowd(bench):
                       ("latency p99 ms", "p99_ms", ("<=x", 2.0)),
                       ("latency max ms", "max_ms", None),
                       ("server CPU us per delivery", "cpu_us_per_delivery", None),
+                      *postgres_rows(bench, ("PostgreSQL CPU us per record", "postgres_us_per_record", None)),
                       ("publisher schedule slip s", "slip_s", None),
                       ("client CPU % (busiest process)", "client_cpu_pct", None),
                       NOISE_ROW,
@@ -1791,7 +2013,7 @@ def scenario_slow(bench):
                       ("slow: records skipped/repeated/disordered", "slow_misordered", ("==", 0)),
                   ], notes=[f"the slow readers read their sync, then nothing for {pause:.1f} s, then "
                             f"{SLOW_READ_BYTES >> 10} KiB every {SLOW_READ_INTERVAL:g} s",
-                            f"a reader is off the ring (so catches up from SQLite) once it is more than "
+                            f"a reader is off the ring (so catches up from {bench.store_name}) once it is more than "
                             f"{off_ring:g} MiB behind by its own count: the {RING_BYTES >> 20} MiB ring plus "
                             f"what socket buffers and one page may hold",
                             "the floor would queue each slow reader's backlog in its own memory: nothing to "
@@ -1807,13 +2029,15 @@ def throughput_run(bench, server, count=100, publishers=4):
                             connections=publishers)
         live = pool.collect(published["ids"], grace=20)
         cpu, waited = meter.read()
+        database_cpu, _ = meter.read_database()
     acked = len(published["ids"])
     figures = delivery_figures(live, sync, acked * sync["synced"])
     figures.update(acked=acked, inserts_per_s=per(acked, published["seconds"]),
                    refused=sum(published["statuses"].values()),
                    frames_per_s=per(figures["delivered"], (live["last_frame_ns"] - started_ns) / 1e9),
                    complete_pct=per(figures["delivered"] - figures["duplicated"], figures["expected"], 100),
-                   cpu_us_per_insert=per(cpu, acked, 1e6), waited_ms=waited * 1000)
+                   cpu_us_per_insert=per(cpu, acked, 1e6), waited_ms=waited * 1000,
+                   postgres_us_per_insert=per(database_cpu, acked, 1e6))
     return figures
 
 
@@ -1833,6 +2057,7 @@ def scenario_throughput(bench):
                       ("latency p50 ms", "p50_ms", None),
                       ("latency p99 ms", "p99_ms", None),
                       ("server CPU us per insert (with fan-out)", "cpu_us_per_insert", None),
+                      *postgres_rows(bench, ("PostgreSQL CPU us per insert", "postgres_us_per_insert", None)),
                       ("client CPU % (busiest process)", "client_cpu_pct", None),
                       NOISE_ROW,
                   ])]
@@ -1871,23 +2096,26 @@ def scenario_memory(bench):
                  (f"  KiB per subscriber at {count:,}", f"kib_per_sub_{count}", ("<=", 16)),
                  ("  subscribers that failed to sync", f"failed_{count}", ("==", 0))]
     rows.append(("peak RSS (VmHWM) MiB", "peak_mib", None))
+    notes = ["the PostgreSQL server's memory is not the broker's, and not counted"] if bench.postgres else []
     return [Table(f"memory: server RSS idle and with {', '.join(f'{c:,}' for c in counts)} subscribers",
-                  runs, rows)]
+                  runs, rows, notes)]
 
 
 def connect_run(bench, server):
     count = bench.args.connect_subscribers
     stored = publish(bench, server, CONNECT_EVENTS, 30, "connect", connections=4, distinct=CONNECT_EVENTS)
-    cpu = server.cpu_seconds()
+    meter = Meter(server)
     with SubscriberPool(bench, server.port, count) as pool:
         sync = pool.wait_synced()
-    cpu = server.cpu_seconds() - cpu
+    cpu, _waited = meter.read()
+    database_cpu, _ = meter.read_database()
     seconds = sync["sync_seconds"]
     return {"stored": len(stored["ids"]), "synced": sync["synced"], "failed": sync["failed"],
             "total_s": sync["span"], "p50_ms": (percentile(seconds, 0.5) or 0) * 1000,
             "p99_ms": (percentile(seconds, 0.99) or 0) * 1000, "max_ms": (seconds[-1] if seconds else 0) * 1000,
             "slow": sum(1 for s in seconds if s >= 1.0), "frames_min": sync["sync_frames_min"],
-            "cpu_ms_per_sync": per(cpu, sync["synced"], 1e3), "client_cpu_pct": sync["client_cpu_pct"]}
+            "cpu_ms_per_sync": per(cpu, sync["synced"], 1e3), "client_cpu_pct": sync["client_cpu_pct"],
+            "postgres_ms_per_sync": per(database_cpu, sync["synced"], 1e3)}
 
 
 def scenario_connect(bench):
@@ -1904,6 +2132,7 @@ def scenario_connect(bench):
                       ("per-subscriber sync max ms", "max_ms", None),
                       ("subscribers that took >= 1 s", "slow", ("==", 0)),
                       ("server CPU ms per sync", "cpu_ms_per_sync", None),
+                      *postgres_rows(bench, ("PostgreSQL CPU ms per sync", "postgres_ms_per_sync", None)),
                       ("client CPU % (busiest process)", "client_cpu_pct", None),
                   ])]
 
@@ -1912,11 +2141,13 @@ def insert_run(bench, server, publishers):
     meter = Meter(server)
     published = publish(bench, server, 10 ** 9, bench.args.insert_seconds, "insert", connections=publishers)
     cpu, waited = meter.read()
+    database_cpu, _ = meter.read_database()
     acked = len(published["ids"])
     figures = latency_summary(published["latencies"])
     figures.update(acked=acked, inserts_per_s=per(acked, published["seconds"]),
                    refused=sum(published["statuses"].values()), cpu_us_per_insert=per(cpu, acked, 1e6),
-                   client_cpu_pct=per(published["cpu"], published["seconds"], 100), waited_ms=waited * 1000)
+                   client_cpu_pct=per(published["cpu"], published["seconds"], 100), waited_ms=waited * 1000,
+                   postgres_us_per_insert=per(database_cpu, acked, 1e6))
     return figures
 
 
@@ -1938,6 +2169,8 @@ def scenario_insert(bench):
                                 ("latency p99 ms", "p99_ms", None),
                                 ("server CPU us per insert", "cpu_us_per_insert",
                                  ("<=", 60) if publishers == 8 else None),
+                                *postgres_rows(bench, ("PostgreSQL CPU us per insert", "postgres_us_per_insert",
+                                                       None)),
                                 ("client CPU %", "client_cpu_pct", None),
                                 NOISE_ROW,
                             ], notes))
@@ -1951,12 +2184,14 @@ def insert_phase(bench, server, event, batch):
     published = publish(bench, server, 10 ** 9, bench.args.batch_seconds, event,
                         connections=BATCH_PUBLISHERS, batch=batch)
     cpu, waited = meter.read()
+    database_cpu, _ = meter.read_database()
     records, requests = len(published["ids"]), len(published["latencies"])
     figures = latency_summary(published["latencies"])
     figures.update(records=records, records_per_s=per(records, published["seconds"]),
                    requests_per_s=per(requests, published["seconds"]),
                    refused=sum(published["statuses"].values()), cpu_us_per_record=per(cpu, records, 1e6),
-                   client_cpu_pct=per(published["cpu"], published["seconds"], 100), waited_ms=waited * 1000)
+                   client_cpu_pct=per(published["cpu"], published["seconds"], 100), waited_ms=waited * 1000,
+                   postgres_us_per_record=per(database_cpu, records, 1e6))
     return figures
 
 
@@ -1984,6 +2219,7 @@ def scenario_batch(bench):
                  (f"  latency p50 ms{per_request}", f"{label}_p50_ms", None),
                  (f"  latency p99 ms{per_request}", f"{label}_p99_ms", None),
                  ("  server CPU us per record", f"{label}_cpu_us_per_record", None),
+                 *postgres_rows(bench, ("  PostgreSQL CPU us per record", f"{label}_postgres_us_per_record", None)),
                  ("  client CPU %", f"{label}_client_cpu_pct", None),
                  ("  server threads waiting for a CPU ms", f"{label}_waited_ms", None)]
     rows += [("records per s, batches / single", "speedup", None),
@@ -1995,6 +2231,181 @@ def scenario_batch(bench):
                          "(--sync full unless --broker-arg says otherwise)",
                          "the floor's /insert takes one record and stores nothing: what matters here is "
                          "batches / single within broker.py"])]
+
+
+NODE_COUNTS = {"1 node": 1, "2 nodes": 2}          # nodes fan-out: brokers on one PostgreSQL database
+INSERT_STORES = {"sqlite": ("sqlite", 1), "pg 1 node": ("postgres", 1), "pg 2 nodes": ("postgres", 2)}
+
+
+def publish_across(ports, connections, seconds, event):
+    """Closed-loop inserts for seconds over `connections` keep-alive connections, split evenly
+    over one client process per entry of ports (a port may come twice); their answers merged."""
+    clients = [ClientProcess(publisher_worker, port=port, connections=share, count=10 ** 9, seconds=seconds,
+                             event=event) for port, share in zip(ports, split_evenly(connections, len(ports)))]
+    try:
+        answers = [client.receive(seconds + 60) for client in clients]
+    finally:
+        for client in clients:
+            client.finish()
+    merged = {"ids": array.array("q"), "latencies": array.array("q"), "statuses": {},
+              "seconds": max(answer["seconds"] for answer in answers),
+              "cpu": sum(answer["cpu"] for answer in answers)}
+    for answer in answers:
+        merged["ids"].extend(answer["ids"])
+        merged["latencies"].extend(answer["latencies"])
+        for status, count in answer["statuses"].items():
+            merged["statuses"][status] = merged["statuses"].get(status, 0) + count
+    return merged
+
+
+def commit_totals(servers):
+    """[commits, records committed, seconds spent committing] so far, over the servers' GET /metrics."""
+    totals = [0.0, 0.0, 0.0]
+    for server in servers:
+        text = http_get(server.port, "/metrics")[1].decode()
+        for index, name in enumerate(("broker_commit_rows_count", "broker_commit_rows_sum",
+                                      "broker_commit_duration_seconds_sum")):
+            totals[index] += metric(text, name) or 0.0
+    return totals
+
+
+def limit_figures(meter, client_cpu):
+    """What held a run back: the CPU of each process group (the brokers, PostgreSQL, the clients) as
+    % of one core, their waits for a CPU, and the machine's busy, iowait and stolen time."""
+    cpu, waited = meter.read()
+    database_cpu, database_waited = meter.read_database()
+    seconds, busy, iowait, steal = meter.read_machine()
+    return {"broker_cpu_s": cpu, "postgres_cpu_s": database_cpu,
+            "broker_core_pct": per(cpu, seconds, 100), "postgres_core_pct": per(database_cpu, seconds, 100),
+            "client_core_pct": per(client_cpu, seconds, 100), "busy_pct": busy, "iowait_pct": iowait,
+            "steal_pct": steal, "waited_ms": waited * 1000,
+            "postgres_waited_ms": None if database_waited is None else database_waited * 1000}
+
+
+LIMIT_ROWS = [
+    ("CPU % of one core: broker node(s)", "broker_core_pct", None),
+    ("  PostgreSQL", "postgres_core_pct", None),
+    ("  client processes", "client_core_pct", None),
+    (f"machine: CPUs busy % (of {os.cpu_count()})", "busy_pct", None),
+    ("  iowait %", "iowait_pct", None),
+    ("  stolen by the hypervisor %", "steal_pct", None),
+    ("broker threads waiting for a CPU ms", "waited_ms", None),
+    ("PostgreSQL waiting for a CPU ms", "postgres_waited_ms", None),
+]
+LIMIT_NOTES = ["CPU % of one core: CPU seconds over the wall seconds of the load, so both cores busy is 200; "
+               "PostgreSQL is the postmaster and its children (a backend per connection, the WAL writer, "
+               "...) from /proc; the machine's figures are /proc/stat's, every process on it included"]
+
+
+def nodes_fanout_run(bench, nodes):
+    """--nodes-subscribers over the nodes' ports in turn (client processes, one per node or more),
+    --records at --rate from a publisher on node 1: the latency on node 1 and on the others."""
+    args = bench.args
+    ports = nodes.ports
+    with SubscriberPool(bench, ports, args.nodes_subscribers) as pool:
+        sync = pool.wait_synced()
+        meter = Meter(nodes)
+        published = publish(bench, nodes.servers[0], args.records, args.records / args.rate + 30, "nodes",
+                            rate=args.rate)
+        live = pool.collect(published["ids"], grace=10)
+        limits = limit_figures(meter, published["cpu"] + live["client_cpu_s"])
+    acked, by_port = len(published["ids"]), live["latencies_by_port"]
+    same = latency_summary(by_port.get(ports[0], []))
+    other = latency_summary([ns for port in ports[1:] for ns in by_port.get(port, [])])
+    figures = delivery_figures(live, sync, acked * sync["synced"])
+    figures.update(acked=acked, slip_s=published["slip"],
+                   per_node="/".join(str(live["subscribers_by_port"].get(port, 0)) for port in ports),
+                   same_p50_ms=same["p50_ms"], same_p99_ms=same["p99_ms"],
+                   cross_p50_ms=other["p50_ms"], cross_p99_ms=other["p99_ms"],
+                   cross_same_p99=ratio(other["p99_ms"], same["p99_ms"]),
+                   cpu_us_per_delivery=per(limits["broker_cpu_s"], figures["delivered"], 1e6),
+                   postgres_us_per_record=per(limits["postgres_cpu_s"], acked, 1e6), **limits)
+    return figures
+
+
+def nodes_insert_run(bench, nodes):
+    """NODES_PUBLISHERS closed-loop publishers for --nodes-seconds from two client processes: one
+    per node with two nodes, both on the one broker otherwise."""
+    ports = (nodes.ports * 2)[:2]
+    before = commit_totals(nodes.servers)
+    meter = Meter(nodes)
+    published = publish_across(ports, NODES_PUBLISHERS, bench.args.nodes_seconds, "nodes")
+    limits = limit_figures(meter, published["cpu"])
+    commits, rows, seconds = (after - then for after, then in zip(commit_totals(nodes.servers), before))
+    acked = len(published["ids"])
+    figures = latency_summary(published["latencies"])
+    figures.update(acked=acked, inserts_per_s=per(acked, published["seconds"]),
+                   refused=sum(published["statuses"].values()),
+                   cpu_us_per_insert=per(limits["broker_cpu_s"], acked, 1e6),
+                   postgres_us_per_insert=per(limits["postgres_cpu_s"], acked, 1e6),
+                   total_us_per_insert=per(limits["broker_cpu_s"] + (limits["postgres_cpu_s"] or 0), acked, 1e6),
+                   commits_per_s=per(commits, published["seconds"]), rows_per_commit=per(rows, commits),
+                   commit_ms=per(seconds, commits, 1e3), **limits)
+    return figures
+
+
+def scenario_nodes(bench):
+    args = bench.args
+    if bench.broker is None:
+        return []
+    count = args.nodes_subscribers
+    fanout = bench.interleaved(f"nodes fanout {count}", lambda nodes: nodes_fanout_run(bench, nodes),
+                               kinds=list(NODE_COUNTS), start=lambda kind: Nodes(bench, NODE_COUNTS[kind]))
+    target = ("<=", CROSS_NODE_P99) if (count, args.rate) == CROSS_WORKER_AT else None
+    fanout_table = Table(
+        f"nodes: {count:,} idle subscribers, {args.records} records at {args.rate:g}/s from a publisher on "
+        f"node 1; one broker beside two on one PostgreSQL database", fanout, [
+            ("subscribers synced", "synced", None),
+            ("  per node 1/2 (last run)", "per_node", None),
+            ("records acknowledged", "acked", None),
+            ("latency p50 ms", "p50_ms", None),
+            ("latency p99 ms", "p99_ms", None),
+            ("latency max ms", "max_ms", None),
+            ("lost (subscriber, record) pairs", "lost", ("==", 0)),
+            ("duplicated", "duplicated", ("==", 0)),
+            ("out of order", "disordered", ("==", 0)),
+            ("streams closed by the server", "closed", ("==", 0)),
+            ("latency p50 ms, publisher's node", "same_p50_ms", None),
+            ("latency p99 ms, publisher's node", "same_p99_ms", None),
+            ("latency p50 ms, other node", "cross_p50_ms", None),
+            ("latency p99 ms, other node", "cross_p99_ms", None),
+            ("  other node / publisher's, p99", "cross_same_p99", target),
+            ("broker CPU us per delivery, all nodes", "cpu_us_per_delivery", None),
+            ("PostgreSQL CPU us per record", "postgres_us_per_record", None),
+            ("publisher schedule slip s", "slip_s", ("<", 0.1)),
+            *LIMIT_ROWS,
+        ], notes=["2 nodes: two broker.py processes on one database, the subscribers over two client processes, "
+                  "one per node; node 2 hears of node 1's commits by NOTIFY, then reads the new rows",
+                  "1 node: the same two client processes, both on it",
+                  "PostgreSQL CPU at 20 records/s is mostly its own background processes', counted in 10 ms ticks",
+                  *LIMIT_NOTES],
+        base=("1 node", "1 node", "1 node"))
+    stores = bench.interleaved(
+        "nodes insert", lambda nodes: nodes_insert_run(bench, nodes), kinds=list(INSERT_STORES),
+        start=lambda kind: Nodes(bench, INSERT_STORES[kind][1], ["--sync", "full"], store=INSERT_STORES[kind][0]))
+    insert_table = Table(
+        f"nodes: inserts from {NODES_PUBLISHERS} closed-loop keep-alive publishers for {args.nodes_seconds:g} s, "
+        f"no subscribers, --sync full: SQLite in one process beside PostgreSQL, one node and two", stores, [
+            ("inserts acknowledged per s", "inserts_per_s", (">=w", 1.0)),
+            ("inserts refused (non-200)", "refused", ("==", 0)),
+            ("latency p50 ms", "p50_ms", None),
+            ("latency p99 ms", "p99_ms", None),
+            ("broker CPU us per insert, all nodes", "cpu_us_per_insert", None),
+            ("PostgreSQL CPU us per insert", "postgres_us_per_insert", None),
+            ("  broker + PostgreSQL", "total_us_per_insert", None),
+            ("commits per s, all nodes", "commits_per_s", None),
+            ("  records per commit", "rows_per_commit", None),
+            ("  ms per commit (write and commit)", "commit_ms", None),
+            *LIMIT_ROWS,
+        ], notes=[f"sqlite: broker.py --db <temp file> --sync full; pg: --db postgresql://... --sync full "
+                  f"(synchronous_commit on) on {bench.postgres.describe()}, a new database per run",
+                  f"{NODES_PUBLISHERS} publishers: two client processes of {NODES_PUBLISHERS // 2} connections, "
+                  f"one per node with two nodes, both on the one broker otherwise",
+                  "commits: GET /metrics (broker_commit_rows, broker_commit_duration_seconds) summed over the "
+                  "nodes; a commit is one group of inserts, and on PostgreSQL its time includes waiting for "
+                  "the counter row, which every insert updates and holds until it commits", *LIMIT_NOTES],
+        base=("sqlite", "sqlite", "SQLite"))
+    return [fanout_table, insert_table]
 
 
 def load_history(bench, server, figures):
@@ -2015,9 +2426,10 @@ def load_history(bench, server, figures):
 
 def history_run(bench, server):
     figures = {}
-    cpu = server.cpu_seconds()
+    meter = Meter(server)
     loaded = load_history(bench, server, figures)
-    figures["load_cpu_us_per_insert"] = per(server.cpu_seconds() - cpu, loaded, 1e6)
+    figures["load_cpu_us_per_insert"] = per(meter.read()[0], loaded, 1e6)
+    figures["load_postgres_us_per_insert"] = per(meter.read_database()[0], loaded, 1e6)
     figures["rss_loaded_mib"] = server.rss_kib() / 1024
     audit = measure(server, lambda: run_in_client(fetch_worker, 600, port=server.port,
                                                   path="/audit/history", socket_timeout=600))
@@ -2057,6 +2469,8 @@ def scenario_history(bench):
                       ("distinct events stored", "events", None),
                       ("load inserts per s (16 publishers)", "load_per_s", None),
                       ("load server CPU us per insert", "load_cpu_us_per_insert", None),
+                      *postgres_rows(bench, ("load PostgreSQL CPU us per insert", "load_postgres_us_per_insert",
+                                             None)),
                       ("server RSS after loading MiB", "rss_loaded_mib", None),
                       ("/audit status", "audit_status", ("==", 200)),
                       ("/audit entries received", "audit_entries", None),
@@ -2071,21 +2485,25 @@ def scenario_history(bench):
                             "loading stops after --history-load-seconds; the rows above say what was loaded"])]
 
 
-def database_mib(db):
-    """(file MiB, -wal MiB) of an SQLite database on disk; 0 for what is not there."""
-    return tuple(os.path.getsize(db + suffix) / 2 ** 20 if os.path.exists(db + suffix) else 0.0
+def database_mib(server):
+    """(file MiB, WAL MiB) of a server's database. SQLite: the file and its -wal on disk, 0 for what
+    is not there. PostgreSQL: broker.py's tables with their indexes and TOAST, and None for the WAL,
+    which is the whole cluster's (recycled at checkpoints), not one database's."""
+    if server.database is not None:
+        return server.database.tables_mib(server.db), None
+    return tuple(os.path.getsize(server.db + suffix) / 2 ** 20 if os.path.exists(server.db + suffix) else 0.0
                  for suffix in ("", "-wal"))
 
 
 def retention_sample(server, started, label):
     """The database's size and, from GET /metrics, how many versions it holds now."""
-    file_mib, wal_mib = database_mib(server.db)
+    file_mib, wal_mib = database_mib(server)
     status, body = http_get(server.port, "/metrics")
     text = body.decode() if status == 200 else ""
     inserted, pruned = (int(metric(text, name) or 0) for name in ("broker_inserts_total",
                                                                   "broker_records_pruned_total"))
     return {"label": label, "s": time.monotonic() - started, "file_mib": file_mib, "wal_mib": wal_mib,
-            "total_mib": file_mib + wal_mib, "inserted": inserted, "pruned": pruned,
+            "total_mib": file_mib + (wal_mib or 0), "inserted": inserted, "pruned": pruned,
             "kept": inserted - pruned}
 
 
@@ -2114,7 +2532,8 @@ def retention_connections(args):
 def retention_run(bench, server, keep):
     """Load --retention-inserts records on RETENTION_EVENTS events in arrays of RETENTION_BATCH,
     sampling the database at every tenth; with keep, wait for the pruner and count /audit/e0.
-    The server is stopped here, so the last sample is the file once the WAL is checkpointed."""
+    The server is stopped here, so the last sample is the file once the WAL is checkpointed (on
+    PostgreSQL: the tables with no broker connected)."""
     args = bench.args
     step = max(RETENTION_BATCH, args.retention_inserts // RETENTION_SAMPLES)
     seconds = RETENTION_LOAD_SECONDS + (args.retention_inserts / args.retention_rate if args.retention_rate
@@ -2134,10 +2553,11 @@ def retention_run(bench, server, keep):
     finally:
         client.finish()
     cpu, _waited = meter.read()
+    database_cpu, _ = meter.read_database()
     acked = len(message["ids"])
     figures = {"acked": acked, "refused": sum(message["statuses"].values()), "load_s": message["seconds"],
                "per_s": per(acked, message["seconds"]), "cpu_us_per_insert": per(cpu, acked, 1e6),
-               "end_mib": samples[-1]["total_mib"]}
+               "postgres_us_per_insert": per(database_cpu, acked, 1e6), "end_mib": samples[-1]["total_mib"]}
     if keep:
         caught_up = wait_for_pruner(server, RETENTION_EVENTS * keep)
         samples.append(retention_sample(server, started, f"pruner done (+{caught_up:.1f} s)"))
@@ -2146,10 +2566,10 @@ def retention_run(bench, server, keep):
                        audit_e0=len(json.loads(body)) if status == 200 else None)
     figures["peak_mib"] = max(sample["total_mib"] for sample in samples)
     server.stop()
-    file_mib, wal_mib = database_mib(server.db)
+    file_mib, wal_mib = database_mib(server)
     samples.append({"label": "after stop", "s": time.monotonic() - started, "file_mib": file_mib,
-                    "wal_mib": wal_mib, "total_mib": file_mib + wal_mib})
-    figures.update(stopped_mib=file_mib + wal_mib, samples=samples)
+                    "wal_mib": wal_mib, "total_mib": file_mib + (wal_mib or 0)})
+    figures.update(stopped_mib=file_mib + (wal_mib or 0), samples=samples)
     return figures
 
 
@@ -2174,13 +2594,15 @@ def scenario_retention(bench):
     expected_pruned = max(0, keep["acked"] - RETENTION_EVENTS * RETENTION_KEEP)
     figures = {
         "keep_acked": keep["acked"], "keep_refused": keep["refused"], "keep_per_s": keep["per_s"],
-        "keep_cpu_us": keep["cpu_us_per_insert"], "caught_up_s": keep["caught_up_s"],
+        "keep_cpu_us": keep["cpu_us_per_insert"], "keep_postgres_us": keep["postgres_us_per_insert"],
+        "caught_up_s": keep["caught_up_s"],
         "audit_e0": keep["audit_e0"], "pruned": keep["pruned"], "kept": keep["kept"],
         "keep_end_mib": keep["end_mib"], "keep_peak_mib": keep["peak_mib"],
         "keep_stopped_mib": keep["stopped_mib"],
         "all_acked": everything["acked"], "all_refused": everything["refused"],
         "all_per_s": everything["per_s"],
-        "all_cpu_us": everything["cpu_us_per_insert"], "all_end_mib": everything["end_mib"],
+        "all_cpu_us": everything["cpu_us_per_insert"], "all_postgres_us": everything["postgres_us_per_insert"],
+        "all_end_mib": everything["end_mib"],
         "all_stopped_mib": everything["stopped_mib"],
         "end_ratio": ratio(keep["end_mib"], everything["end_mib"]),
         "stopped_ratio": ratio(keep["stopped_mib"], everything["stopped_mib"])}
@@ -2189,18 +2611,26 @@ def scenario_retention(bench):
     title = (f"retention: {args.retention_inserts:,} inserts on {RETENTION_EVENTS} events, {pace}, in arrays "
              f"of {RETENTION_BATCH:,} over {connections} keep-alive connection{'s' * (connections > 1)}, "
              f"--sync normal (broker only)")
+    notes = ["versions kept = broker_inserts_total - broker_records_pruned_total (GET /metrics); sizes are "
+             "the files on disk when that many inserts were acknowledged"]
+    if bench.postgres:
+        notes += ["on PostgreSQL, 'file' is broker.py's tables with their indexes and TOAST "
+                  "(pg_total_relation_size) and the WAL is not measured: it is the whole cluster's, recycled "
+                  "at checkpoints; --sync normal is synchronous_commit off",
+                  "after stop: the same tables with no broker connected; deleted rows leave space that "
+                  "(auto)vacuum marks for reuse, and the files do not shrink"]
+    else:
+        notes.append("after stop: the broker has closed the database, so the WAL is checkpointed into the "
+                     "file and removed")
     series = SeriesTable(title, [(f"--keep-versions {RETENTION_KEEP}", 6), ("no retention", 2)], columns, rows,
-                         notes=["versions kept = broker_inserts_total - broker_records_pruned_total "
-                                "(GET /metrics); sizes are the files on disk when that many inserts "
-                                "were acknowledged",
-                                "after stop: the broker has closed the database, so the WAL is "
-                                "checkpointed into the file and removed"])
+                         notes=notes)
     summary = Table(f"retention: --keep-versions {RETENTION_KEEP} beside no retention",
                     {bench.broker: [figures]}, [
         (f"keep {RETENTION_KEEP}: inserts acknowledged", "keep_acked", ("==", args.retention_inserts)),
         ("  inserts refused (non-200)", "keep_refused", ("==", 0)),
         ("  inserts per s", "keep_per_s", None),
         ("  server CPU us per insert", "keep_cpu_us", None),
+        *postgres_rows(bench, ("  PostgreSQL CPU us per insert", "keep_postgres_us", None)),
         ("  s the pruner took after the load", "caught_up_s", None),
         ("  versions kept (inserted - pruned)", "kept", ("==", RETENTION_EVENTS * RETENTION_KEEP)),
         ("  broker_records_pruned_total", "pruned", ("==", expected_pruned)),
@@ -2212,6 +2642,7 @@ def scenario_retention(bench):
         ("  inserts refused (non-200)", "all_refused", ("==", 0)),
         ("  inserts per s", "all_per_s", None),
         ("  server CPU us per insert", "all_cpu_us", None),
+        *postgres_rows(bench, ("  PostgreSQL CPU us per insert", "all_postgres_us", None)),
         ("  file+wal MiB at the end of the load", "all_end_mib", None),
         ("  file MiB after stop", "all_stopped_mib", None),
         ("end-of-load file+wal, keep / none", "end_ratio", None),
@@ -2234,13 +2665,17 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="small sizes for `make bench` (under 2 minutes)")
     parser.add_argument("--scenarios", default=None,
                         help=f"comma-separated, in this order: {','.join(SCENARIOS)} (by default all "
-                             f"but {','.join(ON_REQUEST)})")
+                             f"but {','.join(ON_REQUEST)}, and on SQLite but {','.join(POSTGRES_ONLY)})")
     parser.add_argument("--servers", default="broker,floor", help="broker,floor; floor alone tests the harness")
     parser.add_argument("--broker", default=os.path.join(HERE, "broker.py"), help="path to broker.py")
     parser.add_argument("--workers", type=comma_ints, default=[1], metavar="LIST",
                         help=f"broker.py --workers counts, comma-separated (default 1: one process, no flag): "
                              f"{', '.join(WORKER_SCENARIOS)} run a broker per count side by side, with "
                              f"the ratio to 1 worker; other scenarios run the first count")
+    parser.add_argument("--db", default="sqlite", metavar="STORE",
+                        help="sqlite: a temp file per broker (the default); postgres: a new database per broker "
+                             "on a private PostgreSQL cluster, fsync on; or the postgresql:// URL of a server "
+                             "whose user may CREATE DATABASE. PostgreSQL needs psycopg (.venv/bin/python)")
     parser.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for broker.py, repeatable (e.g. --broker-arg=--sync=normal)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the servers")
@@ -2256,8 +2691,10 @@ def parse_args(argv):
         if getattr(args, name) is None:
             default = quick if args.quick else full
             setattr(args, name, comma_ints(default) if isinstance(default, str) else default)
+    on_postgres = args.db != "sqlite"
     if args.scenarios is None:
-        args.scenarios = ",".join(name for name in SCENARIOS if name not in ON_REQUEST)
+        args.scenarios = ",".join(name for name in SCENARIOS
+                                  if name not in ON_REQUEST and (on_postgres or name not in POSTGRES_ONLY))
     args.scenarios = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     args.servers = [name.strip() for name in args.servers.split(",") if name.strip()]
     unknown = set(args.scenarios) - set(SCENARIOS) or set(args.servers) - set(SERVERS)
@@ -2267,6 +2704,18 @@ def parse_args(argv):
         parser.error("--workers takes distinct counts of 1 or more, e.g. 1,2")
     if "broker" in args.servers and not os.path.isfile(args.broker):
         parser.error(f"no broker at {args.broker} (use --servers floor to test the harness alone)")
+    if args.db not in ("sqlite", "postgres") and not is_postgres_url(args.db):
+        parser.error("--db takes sqlite, postgres or a postgresql:// URL")
+    if not on_postgres and set(args.scenarios) & set(POSTGRES_ONLY):
+        parser.error(f"{', '.join(POSTGRES_ONLY)} needs --db postgres (or a postgresql:// URL): its brokers "
+                     f"share one database")
+    if on_postgres:
+        from test_postgres import PostgresServer
+        missing = PostgresServer.missing() if args.db == "postgres" else None
+        if importlib.util.find_spec("psycopg") is None:
+            missing = "psycopg is not installed here: run the bench with .venv/bin/python"
+        if missing:
+            parser.error(f"--db {args.db}: {missing}")
     return args
 
 
@@ -2283,6 +2732,8 @@ def interrupted(signum, _frame):
 
 
 def run_scenarios(bench):
+    postgres_note = (f"broker.py on {bench.postgres.describe()}, a new database per broker; PostgreSQL CPU: "
+                     f"the postmaster and its children (the backends)" if bench.postgres else None)
     tables = []
     for name in SCENARIOS:
         if name not in bench.args.scenarios:
@@ -2297,16 +2748,19 @@ def run_scenarios(bench):
         for table in scenario_tables:
             if bench.has_workers(getattr(table, "kinds", ())):
                 table.notes.append(WORKERS_NOTE + (RATIO_NOTE if table.scaled else ""))
+            if postgres_note and name not in POSTGRES_ONLY:
+                table.notes.append(postgres_note)
             table.notes.append(f"scenario took {time.monotonic() - started:.0f} s")
             print("\n".join(table.lines()) + "\n", flush=True)
             tables.append(table)
     return tables
 
 
-def write_json(path, args, tables, started):
+def write_json(path, args, tables, started, postgres):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     report = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
               "seconds": time.time() - started, "argv": sys.argv[1:], "quick": args.quick,
+              "db": postgres.describe() if postgres else "SQLite",
               "cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": sys.version.split()[0],
               "tables": [table.to_json() for table in tables]}
     with open(path, "w") as file:
@@ -2321,19 +2775,27 @@ def main(argv=None):
     raise_open_file_limit()
     signal.signal(signal.SIGTERM, interrupted)
     started = time.time()
+    try:
+        postgres = None if args.db == "sqlite" else PostgresDatabases(None if args.db == "postgres" else args.db)
+    except Exception as error:          # psycopg's, or a cluster that would not start
+        print(f"bench_broker.py: cannot use --db {args.db}: {error}", file=sys.stderr)
+        return 2
     workers = f" (workers {','.join(map(str, args.workers))})" if args.workers != [1] else ""
+    store = f", broker.py on {postgres.describe()}" if postgres else ""
     print(f"bench_broker: {'quick' if args.quick else 'full'} run, servers {','.join(args.servers)}{workers}, "
           f"{args.repeat} run(s) each, {os.cpu_count()} CPUs, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n", flush=True)
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}{store}\n", flush=True)
     try:
         with tempfile.TemporaryDirectory(prefix="bench_broker.") as workdir:
-            tables = run_scenarios(Bench(args, workdir))
-            write_json(args.json, args, tables, started)
+            tables = run_scenarios(Bench(args, workdir, postgres))
+            write_json(args.json, args, tables, started, postgres)
     except KeyboardInterrupt:
         log("interrupted: stopping servers and clients")
         return 130
     finally:
         cleanup()
+        if postgres:
+            postgres.close()
     print(f"total {time.time() - started:.0f} s, load average now "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; JSON in {args.json}")
     return 0
