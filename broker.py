@@ -458,17 +458,22 @@ class Store:
     becomes the committer and writes, in one transaction, every insert queued so far
     (self._queue and self._committing, guarded by self._queue_lock); the others wait on their
     own wake lock, so a commit wakes only the inserters it holds, and the next one queued, which
-    commits next. A store implements _write(rows) -> records and _committed(records, seconds),
-    and keeps its write connection in self._db (guarded by self._lock) and its idle read
-    connections in self._readers (guarded by self._readers_lock)."""
+    commits next. A store implements _write(rows) -> records and _committed(records), and keeps
+    its write connection in self._db (guarded by self._lock) and its idle read connections in
+    self._readers (guarded by self._readers_lock).
+
+    Two callbacks: on_commit(records, seconds) after each commit of this process, with the
+    seconds it took (the metrics count there); on_records(records) with every record committed,
+    by this process or another, in id order (the hub learns of them there)."""
 
     MAX_BATCH = 1000
 
-    def __init__(self, on_commit=None):
+    def __init__(self, on_commit=None, on_records=None):
         self._queue_lock = threading.Lock()
         self._queue = []                      # PendingInserts not yet in a transaction
         self._committing = False
         self._on_commit = on_commit or (lambda records, seconds: None)
+        self._on_records = on_records or (lambda records: None)
         self._lock = threading.Lock()
         self._db = None                       # the write connection
         self._readers_lock = threading.Lock()
@@ -548,8 +553,8 @@ class Store:
         for pending in batch:
             pending.records = records[start:start + len(pending.rows)]
             start += len(pending.rows)
-        # Still the only committer, so records reach subscribers in id order.
-        self._committed(records, time.perf_counter() - started)
+        self._on_commit(records, time.perf_counter() - started)
+        self._committed(records)      # still the only committer of this process
 
 
 class SQLiteStore(Store):
@@ -600,8 +605,8 @@ class SQLiteStore(Store):
     IDLE_READERS = 8                 # read connections kept open between reads
     APPLICATION_ID = 0x42726B72      # "Brkr" in the file header: this file is a broker.py database
 
-    def __init__(self, path, sync="full", on_commit=None, writes=True):
-        super().__init__(on_commit)
+    def __init__(self, path, sync="full", on_commit=None, on_records=None, writes=True):
+        super().__init__(on_commit, on_records)
         self._path, self._sync = path, sync
         self._reopen = False                  # a write failed: the next one starts afresh
         if writes:                            # else none: a worker's writer commits for it
@@ -644,11 +649,11 @@ class SQLiteStore(Store):
             return db.execute("SELECT max(id) FROM records").fetchone()[0] or 0
 
     def follow(self, after_id):
-        """Every commit is this process's (or comes through a worker's CommitLink): on_commit
-        has each already."""
+        """Every commit is this process's (or comes through a worker's CommitLink): on_records
+        gets each as it commits."""
 
-    def _committed(self, records, seconds):
-        self._on_commit(records, seconds)
+    def _committed(self, records):
+        self._on_records(records)     # one committer: in id order
 
     def _write(self, rows):
         with self._lock:
@@ -840,14 +845,14 @@ class PostgresStore(Store):
     41). Timestamps follow the database's clock, bumped past the last one given, so they grow
     strictly whatever the nodes' clocks say. Group commit (Store) makes it one round trip per batch.
 
-    Every record reaches on_commit in id order, whoever committed it: this node's commits
-    right after they commit (with any other node's before them, read first), the others'
-    through the follower thread, which a NOTIFY wakes (sent by the inserting statement, so it
-    arrives at commit) to read id > last from the database, never trusting what a notification
-    says. It also reads every FOLLOW_CHECK seconds: notifications are coalesced, and lost while
-    its connection is down. self._publish_lock guards self._published and is held through
-    each commit and each hand-over to on_commit. self._lock guards the write connection;
-    self._readers_lock the idle read connections, of which at most MAX_READERS are in use.
+    Every record reaches on_records in id order, whoever committed it: this node's right after
+    they commit (any other node's before them read first), the others' through the follower
+    thread, which a NOTIFY wakes (sent by the inserting statement, so it arrives at commit) to
+    read id > last from the database, never trusting what a notification says. It also reads
+    every FOLLOW_CHECK seconds: notifications are coalesced, and lost while its connection is
+    down. self._publish_lock guards self._published and each hand-over to on_records (reads
+    and writes run outside it, so a node's inserts and its follower do not take turns).
+    self._lock guards the write connection; at most MAX_READERS read connections are in use.
     """
 
     NAME = "postgresql"
@@ -915,8 +920,8 @@ class PostgresStore(Store):
         "tcp_user_timeout": "5000", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
         "application_name": "broker.py"}
 
-    def __init__(self, url, sync="full", on_commit=None, writes=True):
-        super().__init__(on_commit)
+    def __init__(self, url, sync="full", on_commit=None, on_records=None, writes=True):
+        super().__init__(on_commit, on_records)
         try:
             import psycopg
         except ImportError:
@@ -928,9 +933,9 @@ class PostgresStore(Store):
         self._url, self._sync = url, sync
         self._read_slots = threading.BoundedSemaphore(self.MAX_READERS)
         self._publish_lock = threading.Lock()
-        self._published = None                # the last id passed to on_commit; None: not following
+        self._published = None                # the last id passed to on_records; None: not following
         self._writer_pid = None               # the server process of the write connection
-        self._db = self._connect()
+        self._db = self._connect(writes=True)
         self._writer_pid = self._db.info.backend_pid
         try:
             self._create_schema(self._db)
@@ -941,12 +946,16 @@ class PostgresStore(Store):
             self._db.close()
             self._db = None
 
-    def _connect(self):
+    def _connect(self, writes=False):
         psycopg = self._psycopg
         try:
             options = psycopg.conninfo.conninfo_to_dict(self._url)
             db = psycopg.connect(**{**self.CONNECT_OPTIONS, **options}, autocommit=True)
-            if self._sync == "normal":        # a commit need not wait for the disk: lost only if PostgreSQL crashes
+            if writes:
+                # The INSERT's plan never changes: PostgreSQL would plan it anew each time.
+                db.execute("SET plan_cache_mode TO force_generic_plan")
+                db.prepare_threshold = 0
+            if writes and self._sync == "normal":    # a commit need not wait for the disk: lost only if PostgreSQL crashes
                 db.execute("SET synchronous_commit TO off")
         except psycopg.Error as error:
             raise StoreError(f"cannot connect to PostgreSQL at {shown_db(self._url)}: {one_line(error)}") from None
@@ -978,7 +987,7 @@ class PostgresStore(Store):
             return db.execute("SELECT last_id FROM broker_counter").fetchone()[0]
 
     def follow(self, after_id):
-        """From now on, pass on_commit every record committed after after_id, by any node, in
+        """From now on, pass on_records every record committed after after_id, by any node, in
         id order."""
         with self._publish_lock:
             self._published = after_id
@@ -991,8 +1000,7 @@ class PostgresStore(Store):
                 if listener is None:
                     listener = self._connect()
                     listener.execute(f"LISTEN {self.CHANNEL}")     # before reading: nothing slips between
-                with self._publish_lock:
-                    self._catch_up(None)
+                self._catch_up()
                 for notice in listener.notifies(timeout=self.FOLLOW_CHECK):
                     if notice.pid != self._writer_pid:
                         break                 # another node's commit (this one's passed on already)
@@ -1006,29 +1014,35 @@ class PostgresStore(Store):
         if listener is not None:
             listener.close()
 
-    def _catch_up(self, upto):
-        """Pass on_commit every committed record after the last passed on (up to upto, if
-        given), a page at a time. Call with self._publish_lock held."""
-        while upto is None or self._published < upto:
-            records = self.after(self._published, MAX_INT64 if upto is None else upto)
+    def _catch_up(self):
+        """Pass on every record committed after the last passed on, a page at a time, each read
+        without holding self._publish_lock (a commit may pass on some of them meanwhile)."""
+        while True:
+            with self._publish_lock:
+                after = self._published
+            records = self.after(after, MAX_INT64)
             if not records:
                 return
-            self._on_commit(records, None)
+            with self._publish_lock:
+                self._pass_on([record for record in records if record.id > self._published])
+
+    def _committed(self, records):
+        with self._publish_lock:
+            if self._published is None or records[-1].id <= self._published:
+                return                        # not following yet, or the follower was first
+            try:                              # other nodes' commits just before this one first
+                for missing in record_pages(self.after, self._published, records[0].id - 1):
+                    self._pass_on(missing)
+            except StoreError:
+                return                        # unreadable for now: the follower passes them all on
+            self._pass_on(records)
+
+    def _pass_on(self, records):
+        """Hand on_records the records that follow the last passed on (call with
+        self._publish_lock held)."""
+        if records:
+            self._on_records(records)
             self._published = records[-1].id
-
-    def commit(self, batch):
-        with self._publish_lock:              # until on_commit has it: the follower waits
-            super().commit(batch)
-
-    def _committed(self, records, seconds):
-        if self._published is None:
-            return                            # not following yet
-        try:
-            self._catch_up(records[0].id - 1)     # other nodes' commits just before this one
-        except StoreError:
-            return                            # unreadable for now: the follower passes them all on
-        self._on_commit(records, seconds)
-        self._published = records[-1].id
 
     def _write(self, rows):
         with self._lock:
@@ -1036,7 +1050,7 @@ class PostgresStore(Store):
             if not is_usable(self._db):
                 if self._db is not None:
                     self._db.close()
-                self._db = self._connect()    # a new connection, or a refusal: the insert is not sent
+                self._db = self._connect(writes=True)    # or a refusal: the insert is not sent
                 self._writer_pid = self._db.info.backend_pid
             try:
                 before_id, before_ts, _ = self._db.execute(self.INSERT, {
@@ -1076,7 +1090,7 @@ class PostgresStore(Store):
                 if not is_usable(self._db):
                     if self._db is not None:
                         self._db.close()
-                    self._db = self._connect()
+                    self._db = self._connect(writes=True)
                 with self._db.transaction():
                     if not self._db.execute("SELECT pg_try_advisory_xact_lock(%s)", (self.PRUNE_LOCK,)).fetchone()[0]:
                         return 0              # another node prunes now
@@ -1178,9 +1192,9 @@ def is_postgres_url(db):
     return db.startswith(("postgresql://", "postgres://"))
 
 
-def open_store(db, sync="full", on_commit=None, writes=True):
+def open_store(db, sync="full", on_commit=None, on_records=None, writes=True):
     """The store --db names: PostgreSQL for a postgresql:// URL, else an SQLite file (or :memory:)."""
-    return (PostgresStore if is_postgres_url(db) else SQLiteStore)(db, sync, on_commit, writes)
+    return (PostgresStore if is_postgres_url(db) else SQLiteStore)(db, sync, on_commit, on_records, writes)
 
 
 def shown_db(db):
@@ -2583,12 +2597,13 @@ class Broker:
         # PostgreSQL: every process commits its own inserts, and learns of the others' from the
         # database. SQLite: a worker's inserts go to the supervisor, which sends every commit back.
         shared = is_postgres_url(self.db)
-        self.store = self.writer = open_store(self.db, self.sync, self._on_commit, writes=seat is None or shared)
+        self.store = self.writer = open_store(self.db, self.sync, self._count_commit, self._on_records,
+                                              writes=seat is None or shared)
         if seat is None:
             newest = self.store.newest_id()
             self.streams = StreamCounts(self.max_clients or default_max_clients())
         else:
-            self.link = CommitLink(seat.link, self._on_commit, lost=self._writer_lost)
+            self.link = CommitLink(seat.link, self._on_records, lost=self._writer_lost)
             newest, self.streams = self.link.join(), seat.streams
             if shared:
                 newest = self.store.newest_id()
@@ -2628,11 +2643,11 @@ class Broker:
         print(f"broker.py: worker {self.seat.number}: its link to the writer closed; stopping", file=sys.stderr)
         threading.Thread(target=self.stop).start()
 
-    def _on_commit(self, records, seconds):
+    def _on_records(self, records):
         self.hub.publish(records)
         self.pruner.note(records)
-        if seconds is None:
-            return                    # another process committed them, and counts them
+
+    def _count_commit(self, records, seconds):
         self.metrics.add("broker_inserts_total", len(records))
         self.metrics.observe("broker_commit_duration_seconds", seconds)
         self.metrics.observe("broker_commit_rows", len(records))
@@ -2805,13 +2820,13 @@ class Link:
 
 class CommitLink:
     """In a worker: the inserts of its clients, committed by the writer process (CommitServer),
-    and every commit of every worker coming back to on_commit in commit order, so the hub learns
+    and every commit of every worker coming back to on_records in commit order, so the hub learns
     of each at once. Same insert()/insert_many() as Store. self._lock guards self._waiting
     (request number -> PendingInsert), self._next, self._gone and self._closing."""
 
-    def __init__(self, sock, on_commit, lost):
+    def __init__(self, sock, on_records, lost):
         self._link = Link(sock)
-        self._on_commit, self._lost = on_commit, lost
+        self._on_records, self._lost = on_records, lost
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)    # notified when self._waiting empties
         self._waiting = {}
@@ -2869,7 +2884,7 @@ class CommitLink:
             _, rows, answers = message
             records = [Record(*row) for row in marshal.loads(rows)]
             if records:
-                self._on_commit(records, None)        # the hub first: an answered insert is visible
+                self._on_records(records)             # the hub first: an answered insert is visible
             for number, start, end, error in answers:
                 with self._lock:
                     pending = self._waiting.pop(number)
@@ -3140,7 +3155,7 @@ class Supervisor:
             if not self.REUSE_PORT:
                 self.listener.listen(Server.request_queue_size)
             self.store = open_store(self.settings["db"], self.settings["sync"],
-                                    on_commit=lambda records, seconds: self.pruner.note(records))
+                                    on_records=lambda records: self.pruner.note(records))
         except BaseException:
             self.listener.close()
             raise
