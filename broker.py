@@ -915,6 +915,7 @@ class PostgresStore(Store):
     MAX_READERS = 8                  # read connections in use at once; each is a server process
     FOLLOW_CHECK = 1.0               # seconds the follower waits for a notification before reading anyway
     RETRY_PAUSE = 0.5                # seconds between the follower's attempts to reconnect
+    GAP_WAIT = 0.005                 # seconds a commit waits for the follower to pass on the ids before it
     CONNECT_OPTIONS = {              # unless the URL says otherwise: an insert fails well inside
         "connect_timeout": "3",      # --request-timeout when the server is gone or unreachable
         "tcp_user_timeout": "5000", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
@@ -933,8 +934,10 @@ class PostgresStore(Store):
         self._url, self._sync = url, sync
         self._read_slots = threading.BoundedSemaphore(self.MAX_READERS)
         self._publish_lock = threading.Lock()
+        self._passed = threading.Condition(self._publish_lock)     # notified when _published grows
         self._published = None                # the last id passed to on_records; None: not following
         self._writer_pid = None               # the server process of the write connection
+        self._deleted = 0                     # rows pruned since the last VACUUM
         self._db = self._connect(writes=True)
         self._writer_pid = self._db.info.backend_pid
         try:
@@ -1027,10 +1030,15 @@ class PostgresStore(Store):
                 self._pass_on([record for record in records if record.id > self._published])
 
     def _committed(self, records):
-        with self._publish_lock:
-            if self._published is None or records[-1].id <= self._published:
-                return                        # not following yet, or the follower was first
-            try:                              # other nodes' commits just before this one first
+        with self._passed:
+            if self._published is None:
+                return                        # not following yet
+            # Other nodes' commits just before this one go first: the follower, woken by their
+            # notifications, is most likely reading them already; else they are read here.
+            self._passed.wait_for(lambda: self._published >= records[0].id - 1, self.GAP_WAIT)
+            if records[-1].id <= self._published:
+                return                        # the follower passed these on too
+            try:
                 for missing in record_pages(self.after, self._published, records[0].id - 1):
                     self._pass_on(missing)
             except StoreError:
@@ -1043,6 +1051,7 @@ class PostgresStore(Store):
         if records:
             self._on_records(records)
             self._published = records[-1].id
+            self._passed.notify_all()
 
     def _write(self, rows):
         with self._lock:
@@ -1101,7 +1110,19 @@ class PostgresStore(Store):
             except self._psycopg.Error as error:
                 self._db.close()
                 raise StoreError(f"the database refused the write: {one_line(error)}") from None
+        self._deleted += deleted
+        if self._deleted >= PRUNE_ROWS:
+            self._vacuum()
         return deleted
+
+    def _vacuum(self):
+        """Let new rows reuse the space of deleted ones now, not at autovacuum's next visit (a
+        minute away, say): once a tenth of the rows left, at least PRUNE_ROWS, were deleted."""
+        with self._reading() as db:           # not the write connection: inserts go on meanwhile
+            rows = db.execute("SELECT reltuples FROM pg_class WHERE oid = 'broker_records'::regclass").fetchone()[0]
+            if self._deleted >= rows / 10:
+                db.execute("VACUUM (SKIP_LOCKED) broker_records")
+                self._deleted = 0
 
     def event_names(self, after=""):
         """A page of the event names above after, in order."""

@@ -814,8 +814,6 @@ class RetentionTests(unittest.TestCase):
             self.assertEqual(server.latest(), {"e": 2, "lonely": 3})
 
     def test_the_file_stops_growing_under_a_steady_load(self):
-        if getattr(self, "POSTGRES", None):
-            self.skipTest("PostgreSQL reuses deleted rows' space after its autovacuum, once a minute by default")
         db = new_db(type(self))
         with Broker(db=db, port=0, quiet=True, sync="normal", keep_versions=10) as server:
             def load(rounds):
