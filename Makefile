@@ -38,6 +38,8 @@ test-proxy:
 	$(PYTHON) -m unittest -v deploy/test_nginx.py
 	sh demo/install-browser.sh
 	.venv/bin/python -m unittest -v deploy/test_http2.py
+	sh deploy/install-postgres.sh
+	.venv/bin/python -m unittest -v deploy/test_nodes.py
 
 test-metrics:
 	[ -x .venv/bin/python ] || $(PYTHON) -m venv .venv

@@ -1043,7 +1043,7 @@ class PostgresStore(Store):
                     self._pass_on(missing)
             except StoreError:
                 return                        # unreadable for now: the follower passes them all on
-            self._pass_on(records)
+            self._pass_on([record for record in records if record.id > self._published])   # its page may end inside
 
     def _pass_on(self, records):
         """Hand on_records the records that follow the last passed on (call with
@@ -2334,15 +2334,20 @@ class Handler(HTTPHandler):
             self.body.end()
             return
         broker = self.server.broker
+        try:
+            newest = broker.newest_id()       # PostgreSQL: the database answers, or come back later
+        except StoreError as error:
+            self._come_back_later(str(error))
+            return
         if not broker.streams.open():
-            self._refuse_stream(broker.max_clients)
+            self._come_back_later(f"too many subscribers (at most {broker.max_clients}); retry later")
             return
         broker.metrics.add("broker_streams_opened_total")
         handed_over = False
         try:
             self.connection.settimeout(broker.write_timeout)     # a reader may take its time, not forever
             self._start_stream()
-            cursor = self._sync(broker, wants)
+            cursor = self._sync(broker, wants, newest)
             handed_over = broker.fanout.catch_up_and_join(self.connection, self.body, wants, cursor)
         except socket.timeout:
             broker.metrics.add("broker_streams_dropped_total")     # it read nothing for --write-timeout
@@ -2352,10 +2357,9 @@ class Handler(HTTPHandler):
             if not handed_over:
                 broker.streams.close()
 
-    def _refuse_stream(self, limit):
+    def _come_back_later(self, message):
         if "text/event-stream" not in self.headers.get("Accept", ""):
-            raise RequestError(503, f"too many subscribers (at most {limit}); retry later",
-                               [("Retry-After", str(FULL_RETRY_MS // 1000))])
+            raise RequestError(503, message, [("Retry-After", str(FULL_RETRY_MS // 1000))])
         # A 503 would end a browser's EventSource for good; a stream that only says when to
         # come back makes it reconnect later instead.
         self.close_connection = True
@@ -2386,10 +2390,9 @@ class Handler(HTTPHandler):
         self.start_body("text/event-stream", [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")])
         self.body.write(b"retry: %d\n\n" % RETRY_MS)
 
-    def _sync(self, broker, wants):
-        """Write the sync (or the resume's replay) and the id-only block; return its cursor.
-        Nothing is sent before the first page is read, so a database error is still a 503."""
-        newest = broker.newest_id()
+    def _sync(self, broker, wants, newest):
+        """Write the sync (or the resume's replay) as of newest, and the id-only block; return its
+        cursor. Nothing is sent before the first page is read, so a database error is still a 503."""
         resume = self._resume_id(newest)
         if resume is None and wants == EVERYTHING:
             self._send_full_sync(broker, newest)

@@ -436,6 +436,14 @@ class NodesTests(unittest.TestCase):
                 status, body, _ = call(node, "GET", "/healthz")
                 self.assertEqual((status, body["status"], body["store"]), (503, "unavailable", "postgresql"))
                 self.assertEqual(test_broker.metric(node, "broker_database_up"), 0)     # /metrics still answers
+                status, body, headers = call(node, "GET", "/events")
+                self.assertEqual((status, headers["Retry-After"]), (503, "5"))
+                self.assertIn("cannot connect to PostgreSQL", body["error"])
+                with EventStream(node, headers={"Accept": "text/event-stream"}) as browser:
+                    self.assertEqual(browser.status, 200)       # a 503 would end an EventSource for good
+                    self.assertEqual(browser.read_raw_block(), b"retry: 5000")
+                    with self.assertRaises(EOFError):
+                        browser.read_raw_block()
             beats = [reader.heartbeats for reader in readers]
             for reader, before in zip(readers, beats):
                 wait_until(lambda: reader.heartbeats >= before + 2)          # the streams go on
