@@ -916,6 +916,8 @@ class PostgresStore(Store):
     FOLLOW_CHECK = 1.0               # seconds the follower waits for a notification before reading anyway
     RETRY_PAUSE = 0.5                # seconds between the follower's attempts to reconnect
     GAP_WAIT = 0.005                 # seconds a commit waits for the follower to pass on the ids before it
+    ANSWER_SECONDS = 5.0             # a statement unanswered this long (a frozen server, a silent network)
+                                     # has its connection cut: an insert answers well inside --request-timeout
     CONNECT_OPTIONS = {              # unless the URL says otherwise: an insert fails well inside
         "connect_timeout": "3",      # --request-timeout when the server is gone or unreachable
         "tcp_user_timeout": "5000", "keepalives_idle": "10", "keepalives_interval": "5", "keepalives_count": "3",
@@ -938,6 +940,7 @@ class PostgresStore(Store):
         self._published = None                # the last id passed to on_records; None: not following
         self._writer_pid = None               # the server process of the write connection
         self._deleted = 0                     # rows pruned since the last VACUUM
+        self._unanswered = Watchdog(self.ANSWER_SECONDS)
         self._db = self._connect(writes=True)
         self._writer_pid = self._db.info.backend_pid
         try:
@@ -948,6 +951,23 @@ class PostgresStore(Store):
         if not writes:
             self._db.close()
             self._db = None
+        self._unanswered.start()
+
+    def close(self):
+        self._unanswered.stop()
+        super().close()
+
+    @contextlib.contextmanager
+    def _answered_in_time(self, db):
+        """Cut db's connection if the statements run inside take over ANSWER_SECONDS: libpq
+        would wait for the server as long as TCP keeps the connection up."""
+        sock = socket.socket(fileno=os.dup(db.fileno()))     # the same connection: shut down, it ends
+        self._unanswered.watch(sock)
+        try:
+            yield db
+        finally:
+            self._unanswered.release(sock)
+            sock.close()
 
     def _connect(self, writes=False):
         psycopg = self._psycopg
@@ -1062,9 +1082,10 @@ class PostgresStore(Store):
                 self._db = self._connect(writes=True)    # or a refusal: the insert is not sent
                 self._writer_pid = self._db.info.backend_pid
             try:
-                before_id, before_ts, _ = self._db.execute(self.INSERT, {
-                    "n": len(rows), "events": [event for event, _ in rows], "datas": [data for _, data in rows],
-                }).fetchone()
+                with self._answered_in_time(self._db):
+                    before_id, before_ts, _ = self._db.execute(self.INSERT, {
+                        "n": len(rows), "events": [event for event, _ in rows], "datas": [data for _, data in rows],
+                    }).fetchone()
             except self._psycopg.Error as error:
                 raise self._write_error(error) from None
         return [Record(before_id + n, event, before_ts + n, data) for n, (event, data) in enumerate(rows, 1)]
@@ -1100,7 +1121,7 @@ class PostgresStore(Store):
                     if self._db is not None:
                         self._db.close()
                     self._db = self._connect(writes=True)
-                with self._db.transaction():
+                with self._answered_in_time(self._db), self._db.transaction():
                     if not self._db.execute("SELECT pg_try_advisory_xact_lock(%s)", (self.PRUNE_LOCK,)).fetchone()[0]:
                         return 0              # another node prunes now
                     for sql, (first, second) in statements:
@@ -1118,11 +1139,16 @@ class PostgresStore(Store):
     def _vacuum(self):
         """Let new rows reuse the space of deleted ones now, not at autovacuum's next visit (a
         minute away, say): once a tenth of the rows left, at least PRUNE_ROWS, were deleted."""
-        with self._reading() as db:           # not the write connection: inserts go on meanwhile
+        db = self._connect()                  # not the write connection: inserts go on meanwhile
+        try:                                  # (nor a read one: it may take longer than ANSWER_SECONDS)
             rows = db.execute("SELECT reltuples FROM pg_class WHERE oid = 'broker_records'::regclass").fetchone()[0]
             if self._deleted >= rows / 10:
                 db.execute("VACUUM (SKIP_LOCKED) broker_records")
                 self._deleted = 0
+        except self._psycopg.Error as error:
+            raise StoreError(f"the database refused to vacuum: {one_line(error)}") from None
+        finally:
+            db.close()
 
     def event_names(self, after=""):
         """A page of the event names above after, in order."""
@@ -1185,7 +1211,8 @@ class PostgresStore(Store):
                     db.close()
                 db = self._connect()
             try:
-                yield db
+                with self._answered_in_time(db):
+                    yield db
             except BaseException as error:
                 db.close()             # it may be mid-statement or broken: never reuse it
                 if isinstance(error, self._psycopg.Error):

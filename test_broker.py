@@ -84,12 +84,12 @@ class Remote:
         self.url = url
 
 
-def call(server, method, path, body=None, headers=None):
+def call(server, method, path, body=None, headers=None, timeout=TIMEOUT):
     """One HTTP request; return (status, JSON body or None, headers)."""
     if isinstance(body, (dict, list)):
         body = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", **(headers or {})}
-    connection = http.client.HTTPConnection(*address(server), timeout=TIMEOUT)
+    connection = http.client.HTTPConnection(*address(server), timeout=timeout)
     try:
         connection.request(method, path, body, headers or {})
         response = connection.getresponse()

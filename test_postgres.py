@@ -106,6 +106,13 @@ class PostgresServer:
         """fast: sessions are ended and the server shuts down cleanly; immediate: as a crash."""
         self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop")
 
+    def processes(self):
+        """The server's process ids: the postmaster's, then its children's."""
+        with open(os.path.join(self.data, "postmaster.pid")) as file:
+            postmaster = int(file.readline())
+        with open(f"/proc/{postmaster}/task/{postmaster}/children") as file:
+            return [postmaster, *map(int, file.read().split())]
+
     def running(self):
         return subprocess.run(self._command("pg_ctl", "-D", self.data, "status"), **self._as_user(),
                               capture_output=True).returncode == 0
@@ -496,3 +503,27 @@ class ReconnectTests(unittest.TestCase):
         wait_until(lambda: reader.records, timeout=broker.PostgresStore.FOLLOW_CHECK + 3)
         self.assertEqual(reader.records, [{"id": 1, "event": "quiet", "data": "unannounced"}])
         reader.close()
+
+    def test_a_frozen_server_gets_inserts_a_503_well_inside_the_request_timeout(self):
+        url = SERVER.new_database()
+        node = start_node(self, url)[1]
+        publish(node, "warm", 1)
+        processes = SERVER.processes()
+        for pid in processes:
+            os.kill(pid, signal.SIGSTOP)         # it accepts TCP, and never answers
+        try:
+            started = time.monotonic()
+            status, body, _ = call(node, "POST", "/insert", {"event": "frozen", "data": 1}, timeout=20)
+            waited = time.monotonic() - started
+        finally:
+            for pid in processes:
+                os.kill(pid, signal.SIGCONT)
+        self.assertEqual(status, 503, body)
+        self.assertLess(waited, broker.PostgresStore.ANSWER_SECONDS + 2)       # --request-timeout is 10 s
+        self.assertIn("may or may not be stored", body["error"])
+        deadline = time.monotonic() + 15
+        while call(node, "POST", "/insert", {"event": "thawed", "data": 2})[0] != 200:
+            self.assertLess(time.monotonic(), deadline)     # then it serves again, by itself
+            time.sleep(0.2)
+        status, body, _ = call(node, "GET", "/audit/thawed")
+        self.assertEqual(list(body.values()), [2])
