@@ -66,6 +66,18 @@ proxy = None        # the Proxy every test goes through; set by setUpModule()
 browser = None      # one Chromium for every test; each test opens its own context
 
 
+def start_chromium(unavailable):
+    """Debian's Chromium driven by Playwright, both closed at the module's cleanup."""
+    playwright = sync_playwright().start()
+    unittest.addModuleCleanup(playwright.stop)
+    try:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except Exception as err:
+        unavailable(f"Chromium did not start: {err}")
+    unittest.addModuleCleanup(browser.close)
+    return browser
+
+
 def unavailable(reason):
     """Skip the module, or fail it under CI, where a missing tool must not pass quietly."""
     if IN_CI:
@@ -151,13 +163,7 @@ def setUpModule():
             unavailable(f"{path} is missing")
     proxy = Proxy()
     unittest.addModuleCleanup(proxy.close)
-    playwright = sync_playwright().start()
-    unittest.addModuleCleanup(playwright.stop)
-    try:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    except Exception as err:
-        unavailable(f"Chromium did not start: {err}")
-    unittest.addModuleCleanup(browser.close)
+    browser = start_chromium(unavailable)
 
 
 def publish(url, event, data):

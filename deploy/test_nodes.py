@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import test_nginx                          # deploy/ is not a package: import it by path
 from test_broker import EventStream, Remote, call, metric, subscribers, wait_until
-from test_http2 import CHROMIUM, CHROMIUM_ARGS, IN_CI
+from test_http2 import CHROMIUM, IN_CI, start_chromium
 from test_nginx import Child, free_port, seconds
 from test_postgres import PostgresServer   # in the repository root, as test_broker
 
@@ -135,13 +135,7 @@ def setUpModule():
     Path(static, "nodes.html").write_text(PAGE)
     postgres = PostgresServer()
     unittest.addModuleCleanup(postgres.close)
-    playwright = sync_playwright().start()
-    unittest.addModuleCleanup(playwright.stop)
-    try:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    except Exception as err:
-        unavailable(f"Chromium did not start: {err}")
-    unittest.addModuleCleanup(browser.close)
+    browser = start_chromium(unavailable)
 
 
 def wait_for(what, predicate):
