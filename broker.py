@@ -938,11 +938,10 @@ class PostgresStore(Store):
         self._publish_lock = threading.Lock()
         self._passed = threading.Condition(self._publish_lock)     # notified when _published grows
         self._published = None                # the last id passed to on_records; None: not following
-        self._writer_pid = None               # the server process of the write connection
         self._deleted = 0                     # rows pruned since the last VACUUM
         self._unanswered = Watchdog(self.ANSWER_SECONDS)
         self._db = self._connect(writes=True)
-        self._writer_pid = self._db.info.backend_pid
+        self._writer_pid = self._db.info.backend_pid     # the server process whose NOTIFYs are ours
         try:
             self._create_schema(self._db)
         except BaseException:
