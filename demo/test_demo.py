@@ -47,6 +47,18 @@ _counter = itertools.count(1)
 browser = None
 
 
+def start_chromium(unavailable):
+    """Debian's Chromium driven by Playwright, both closed at the module's cleanup."""
+    playwright = sync_playwright().start()
+    unittest.addModuleCleanup(playwright.stop)
+    try:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    except Exception as err:
+        unavailable(f"Chromium did not start: {err}")
+    unittest.addModuleCleanup(browser.close)
+    return browser
+
+
 def unavailable(reason):
     """Skip the module, or fail it under CI, where a missing browser must not pass quietly."""
     if IN_CI:
@@ -63,13 +75,7 @@ def setUpModule():
         unavailable(f"{BROKER_PY} does not exist")
     if not os.access(CHROMIUM, os.X_OK):
         unavailable(f"{CHROMIUM} is missing (Debian's chromium package)")
-    playwright = sync_playwright().start()
-    unittest.addModuleCleanup(playwright.stop)
-    try:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    except Exception as err:
-        unavailable(f"Chromium did not start: {err}")
-    unittest.addModuleCleanup(browser.close)
+    browser = start_chromium(unavailable)
 
 
 def unique_event(test):

@@ -28,7 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "demo"))
 import test_nginx                          # deploy/ is not a package: import it by path
+from test_demo import CHROMIUM, start_chromium
 from test_nginx import free_port
 
 try:
@@ -44,10 +46,6 @@ SERVER_BLOCK = HERE / "nginx-http2.conf"
 PLAIN_BLOCK = HERE / "nginx.conf"
 NGINX = "/usr/sbin/nginx"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
-CHROMIUM = "/usr/bin/chromium"
-# As demo/test_demo.py: we run as root, so no sandbox; the rest keep Chromium off the network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TABS = 8
 SHOWN = 5_000          # ms: a name typed in one tab shows in the others within this
@@ -64,18 +62,6 @@ assert "log_format requests" in NGINX_CONF, "deploy/test_nginx.py's access_log l
 
 proxy = None        # the Proxy every test goes through; set by setUpModule()
 browser = None      # one Chromium for every test; each test opens its own context
-
-
-def start_chromium(unavailable):
-    """Debian's Chromium driven by Playwright, both closed at the module's cleanup."""
-    playwright = sync_playwright().start()
-    unittest.addModuleCleanup(playwright.stop)
-    try:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-    except Exception as err:
-        unavailable(f"Chromium did not start: {err}")
-    unittest.addModuleCleanup(browser.close)
-    return browser
 
 
 def unavailable(reason):
